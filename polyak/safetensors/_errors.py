@@ -30,4 +30,4 @@ class OutputError(PolyakError):
 
 
 class OutputWriteError(OSError):
-    """Writing the output failed (disk full, file size limit, I/O error); nothing was left behind."""
+    """Writing the output failed (disk full, size limit, I/O error); nothing was left behind."""

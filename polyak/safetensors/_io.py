@@ -85,7 +85,7 @@ def save(
         raise HeaderError(f"metadata must map strings to strings, got {metadata!r:.80}")
     paths, leaves, _ = optree.tree_flatten_with_path(tree)
     arrays: dict[str, np.ndarray] = {}
-    for p, leaf in zip(paths, leaves):
+    for p, leaf in zip(paths, leaves, strict=True):
         name = _key(p)
         if name in arrays:
             raise StructureError(f"two leaves of the tree are both saved as {name!r}")

@@ -63,7 +63,7 @@ class SafetensorsFile:
         return self.header.metadata
 
     def read(self, info: TensorInfo, elem_start: int, out: np.ndarray) -> None:
-        """Fill the C-contiguous ``out`` with ``out.size`` elements of ``info`` from ``elem_start``."""
+        """Fill the C-contiguous ``out`` with elements ``elem_start...`` of tensor ``info``."""
         item = info.dtype.itemsize
         if out.dtype.itemsize != item or not out.flags.c_contiguous:
             raise ValueError(f"out must be C-contiguous with {item}-byte items")

@@ -198,7 +198,7 @@ class SafetensorsWriter:
         head, offsets = encode_header(coded, metadata)
         self._where = {
             name: (off, np.dtype(dt).itemsize, math.prod(shape))
-            for (name, dt, shape), off in zip(entries, offsets)
+            for (name, dt, shape), off in zip(entries, offsets, strict=True)
         }
         self.nbytes = sum(item * size for _, item, size in self._where.values())
         self.size = len(head) + self.nbytes
@@ -301,7 +301,7 @@ class CheckpointWriter:
                     split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
                 )
                 names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
-                layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups)]
+                layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
             plan = [(os.path.join(self.path, n), [by_name[t] for t in ts]) for n, ts in layout]
             index_path = os.path.join(self.path, "model.safetensors.index.json")
             for p, _ in plan:
