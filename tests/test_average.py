@@ -9,7 +9,7 @@ import optree
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from strategies import FLOAT_DTYPES, builtin_schedules, tree_lists, valid_n
+from strategies import FLOAT_DTYPES, Leaf, builtin_schedules, fill, tree_lists, valid_n
 
 import polyak
 from polyak import schedules as S
@@ -79,19 +79,8 @@ def test_matches_float64_reference(trees, schedule):
 
 @given(tree_lists(min_n=1, max_n=5), st.floats(-3, 3), st.floats(-3, 3), st.data())
 def test_linearity(xs, a, b, data):
-    from strategies import fill
-
-    skeleton = optree.tree_map(lambda x: x, xs[0])
-    ys = [
-        optree.tree_map(
-            lambda x: (
-                np.asarray(data.draw(st.floats(-100, 100))).astype(x.dtype) * np.ones_like(x)
-            ),
-            skeleton,
-        )
-        for _ in xs
-    ]
-    del fill
+    skeleton = optree.tree_map(lambda x: Leaf(x.shape, x.dtype), xs[0])
+    ys = [fill(data.draw, skeleton) for _ in xs]
     schedule = data.draw(builtin_schedules())
     assume(valid_n(schedule, len(xs)))
     combo = [
