@@ -61,7 +61,7 @@ _TMPFILE_OK: dict[int, bool] = {}
 
 # Start writing dirty output pages back after this many bytes, so that the final fsync
 # waits only for the tail instead of the whole file.
-WRITEBACK_BYTES = 64 << 20
+WRITEBACK_BYTES = 32 << 20
 
 
 def _reserve(fd: int, size: int) -> None:
