@@ -500,7 +500,7 @@ class Averager:
             raise PolyakError(f"{shown}: malformed Averager metadata: {err!r}") from None
         averager = cls(schedule, int_policy=int_policy)
         tensors = st.load(path)
-        if set(tensors) != set(dtypes) or count < 1:
+        if not isinstance(dtypes, dict) or set(tensors) != set(dtypes) or count < 1:
             raise PolyakError(
                 f"{shown}: the metadata names {sorted(dtypes)} with count {count}, but the "
                 f"file holds the tensors {sorted(tensors)}"
