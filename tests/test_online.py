@@ -528,3 +528,13 @@ def test_ema_closed_form():
     n = len(xs)
     expected = d ** (n - 1) * xs[0] + sum((1 - d) * d ** (n - 1 - i) * xs[i] for i in range(1, n))
     assert math.isclose(float(avg.value[0]), float(expected[0]), rel_tol=1e-15)
+
+
+@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
