@@ -46,6 +46,7 @@ ONLINE_SCHEDULES = [
     S.power(sigma_rel=0.1),
     S.ema_warmup(),
     S.ema_warmup(decay=0.9, power=1.0, min_decay=0.1),
+    S.explicit([0, 0, 1, 2, 3, 1, 1, 1, 1, 1, 1, 5]),  # online up to its 12 weights
 ]
 
 # Half-ulp of the output dtype (the one rounding of the average) plus room for the float32
@@ -81,8 +82,8 @@ def _close(got: np.ndarray, ref: np.ndarray, snapshots: list[np.ndarray], dtype:
 def test_every_online_factory_is_covered():
     # Non-vacuity: the fixed list holds every online factory, and every one is online.
     names = {s.name for s in ONLINE_SCHEDULES}
-    online = {"equal", "linear", "exponential", "ema", "swa", "polynomial", "power", "ema_warmup"}
-    assert online <= names
+    online = {"equal", "linear", "exponential", "ema", "swa", "polynomial", "power"}
+    assert online | {"ema_warmup", "explicit"} <= names
     assert all(s.online for s in ONLINE_SCHEDULES)
     assert not S.tail(2).online
 
@@ -97,6 +98,9 @@ def test_online_equals_offline_numpy(data, schedule):
     if len(trees) > 1 and data.draw(st.booleans()):
         # a long run, as in training: the same few snapshots again and again
         trees = [trees[i % len(trees)] for i in range(data.draw(st.integers(13, 40)))]
+    if data.draw(st.integers(0, 9)) == 0:  # explicit weights are online too, up to their count
+        n = len(trees)
+        schedule = S.explicit(data.draw(st.lists(st.floats(0.01, 10.0), min_size=n, max_size=n)))
     avg = polyak.Averager(schedule)
     for tree in trees:
         avg.update(tree)
