@@ -287,6 +287,32 @@ def test_numpy_update_allocates_nothing_after_the_first():
     assert avg.count == 7
 
 
+def test_torch_update_allocates_nothing_after_the_first():
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    params = {
+        "f32": torch.randn(256, 1024, requires_grad=True),
+        "bf16": torch.randn(300_000).to(torch.bfloat16),  # averaged in a float32 buffer
+        "f64": torch.randn(50_000, dtype=torch.float64),
+        "count": torch.tensor(3),
+    }
+    avg = polyak.Averager(S.ema(0.9), int_policy="average")  # the int leaf folds in float64
+    avg.update(params)
+    avg.update(params)  # the second update creates the scratch buffer
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            avg.update(params)
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    assert allocated == 0, [
+        (e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0
+    ]
+    # the profiler does see allocations (non-vacuity)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        params["bf16"].to(torch.float32)
+    assert sum(max(e.cpu_memory_usage, 0) for e in prof.events()) >= 4 * 300_000
+
+
 # ---- resuming ----------------------------------------------------------------------------------
 
 
