@@ -395,6 +395,38 @@ def test_resume_torch_is_bit_for_bit(via, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("via", ["state_dict", "file"])
+def test_resume_jax_is_bit_for_bit(via, tmp_path):
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(3)
+    snaps = [
+        {
+            "w": jnp.asarray(rng.normal(size=(6, 5)), jnp.bfloat16),
+            "b": jnp.asarray(rng.normal(size=5)),
+        }
+        for _ in range(12)
+    ]
+    schedule = S.power(sigma_rel=0.1)
+    straight = polyak.Averager(schedule)
+    for snap in snaps:
+        straight.update(snap)
+    first = polyak.Averager(schedule)
+    for snap in snaps[:5]:
+        first.update(snap)
+    if via == "state_dict":
+        resumed = polyak.Averager(schedule)
+        resumed.load_state_dict(first.state_dict())
+    else:
+        first.save(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+    for snap in snaps[5:]:
+        resumed.update(snap)
+    a, b = straight.value, resumed.value
+    for key in a:
+        assert type(b[key]) is type(snaps[0][key]) and b[key].dtype == a[key].dtype
+        assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes(), key
+
+
 def test_save_is_readable_by_the_official_reader(tmp_path):
     from safetensors.numpy import load_file
 
