@@ -291,6 +291,9 @@ class Averager:
     def value(self) -> Any:
         """The current average, as a new pytree (later updates leave it alone).
 
+        Leaves are arrays of the snapshots' library, dtype and device; Python and numpy
+        scalar leaves come back as 0-d numpy arrays.
+
         Right after :meth:`load` and before any :meth:`update`, it is a flat dict of numpy
         arrays keyed by tensor name (the keys of a ``state_dict()``, or nested keys joined by
         ``"."``).
