@@ -4,6 +4,7 @@ Run: python docs/examples/merge_checkpoints.py
 """
 
 import os
+import shutil
 import tempfile
 
 import ml_dtypes
@@ -39,3 +40,4 @@ assert merged["encoder"]["weight"].tobytes() == expected["encoder"]["weight"].to
 assert merged["head"]["weight"].dtype == ml_dtypes.bfloat16
 assert int(merged["step"]) == 5000  # integer leaves take the newest value
 print("weights used (oldest first):", [round(w, 3) for w in report.weights])
+shutil.rmtree(folder)

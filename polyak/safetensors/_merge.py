@@ -506,9 +506,7 @@ def merge_many(
     seconds = time.perf_counter() - t0
     reports = []
     for out, wr, w, sched in zip(job.outputs, writers, job.weights, schedules, strict=True):
-        files = list(wr.paths)
-        if wr._index is not None:
-            files.append(wr._index[0])
+        files = wr.files
         reports.append(
             MergeReport(
                 output=out,
