@@ -61,7 +61,7 @@ def _keras() -> ModuleType:
 class _Layer(NamedTuple):
     name: str
     kind: str
-    variables: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
+    variables: tuple[tuple[str, tuple[int, ...], str, str], ...]  # name, shape, dtype, path
 
 
 class _Layout(NamedTuple):
@@ -76,8 +76,9 @@ def _base_name(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def _variable(v: Any) -> tuple[str, tuple[int, ...], str]:
-    return (v.name, tuple(int(d) for d in v.shape), str(v.dtype))
+def _variable(v: Any) -> tuple[str, tuple[int, ...], str, str]:
+    # The path ("block/dense_2/kernel") is only shown: it holds auto-numbered layer names.
+    return (v.name, tuple(int(d) for d in v.shape), str(v.dtype), v.path)
 
 
 def _layout(model: Any, label: str) -> _Layout:
@@ -119,16 +120,16 @@ def _check_layout(layout: _Layout, label: str, ref: _Layout, ref_label: str) -> 
                 else (f"variables in order {names}, expected {ref_names}")
             )
             raise StructureError(f"{here} has other variables than {there}: {detail}")
-        for (name, shape, dtype), (_, ref_shape, ref_dtype) in zip(
+        for (_, shape, dtype, path), (_, ref_shape, ref_dtype, _) in zip(
             mine.variables, theirs.variables
         ):
             if shape != ref_shape:
                 raise ShapeError(
-                    f"{here} variable {name!r} has shape {shape}, {there} has {ref_shape}"
+                    f"{here} variable {path!r} has shape {shape}, {there} has {ref_shape}"
                 )
             if dtype != ref_dtype:
                 raise DtypeError(
-                    f"{here} variable {name!r} has dtype {dtype}, {there} has {ref_dtype}"
+                    f"{here} variable {path!r} has dtype {dtype}, {there} has {ref_dtype}"
                 )
     if len(layout.layers) != len(ref.layers):
         longer, extra = (
@@ -362,8 +363,8 @@ def average_files(
     _check_files(paths, model is not None)
     weights = _weights(schedule, len(paths))
     total = _RunningSum()
-    holder = None if model is None else _empty_copy(model, "model")
     ref = None if model is None else _layout(model, "model")
+    holder = None if model is None else _empty_copy(model, "model")
     ref_label = "model"
     current = None
     last = len(paths) - 1

@@ -159,7 +159,7 @@ def test_different_shape_names_model_layer_and_variable(trained):
     with pytest.raises(polyak.ShapeError) as info:
         pk.average_models([trained[0], wide])
     message = str(info.value)
-    assert "models[1] layer 0" in message and "'kernel'" in message
+    assert "models[1] layer 0" in message and "/kernel'" in message
     assert "(4, 9)" in message and "(4, 8)" in message
 
 
