@@ -453,17 +453,37 @@ def test_dtype_kind_and_library_changes_are_errors():
         polyak.Averager().update({"s": np.array(["a"])})
 
 
-def test_int_policies():
-    snaps = [{"n": np.array([i, 2 * i]), "flag": np.array(i % 2 == 0)} for i in range(1, 6)]
+def _to_library(library):
+    if library == "numpy":
+        return np.asarray
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.as_tensor
+    jnp = pytest.importorskip("jax.numpy")
+    return jnp.asarray
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_int_policies(library):
+    to = _to_library(library)
+    snaps = [
+        {"n": to(np.array([i, 2 * i, 7], np.int32)), "flag": to(np.array(i % 2 == 0))}
+        for i in range(1, 6)
+    ]
     for policy in ("last", "first", "average"):
         avg = polyak.Averager("linear", int_policy=policy)
         for snap in snaps:
             avg.update(snap)
         ref = polyak.average(snaps, "linear", int_policy=policy)
-        np.testing.assert_array_equal(avg.value["n"], ref["n"])
-        np.testing.assert_array_equal(avg.value["flag"], ref["flag"])
-        assert avg.value["n"].dtype == snaps[0]["n"].dtype
-    with pytest.raises(DtypeError, match=r"params\['flag'\]: bool leaf.*int_policy='error'"):
+        got = avg.value
+        assert type(got["n"]) is type(snaps[0]["n"]) and got["n"].dtype == snaps[0]["n"].dtype
+        np.testing.assert_array_equal(np.asarray(got["n"]), np.asarray(ref["n"]))
+        np.testing.assert_array_equal(np.asarray(got["flag"]), np.asarray(ref["flag"]))
+    # linear weights 1..5 / 15: sum_i w_i * i = 55/15 = 3.67 -> 4; 2i -> 7.33 -> 7
+    np.testing.assert_array_equal(np.asarray(got["n"]), [4, 7, 7])
+    with pytest.raises(
+        DtypeError, match=r"params\['flag'\]: (torch\.)?bool leaf.*int_policy='error'"
+    ):
         polyak.Averager(int_policy="error").update(snaps[0])
     with pytest.raises(PolyakError, match="int_policy"):
         polyak.Averager(int_policy="mean")
@@ -508,3 +528,13 @@ def test_ema_closed_form():
     n = len(xs)
     expected = d ** (n - 1) * xs[0] + sum((1 - d) * d ** (n - 1 - i) * xs[i] for i in range(1, n))
     assert math.isclose(float(avg.value[0]), float(expected[0]), rel_tol=1e-15)
+
+
+@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
