@@ -1,0 +1,214 @@
+"""Post-hoc EMA: choose the length of a power-function EMA after training.
+
+During training, keep one or more power-function averages
+(:func:`polyak.schedules.power`) and save them every few steps with
+:class:`polyak.SnapshotDir`, which records the step ``t`` and the exponent ``gamma`` of each
+saved average. Afterwards, :func:`solve` finds the linear combination of the saved averages
+whose averaging profile is closest to that of any other power EMA, and :func:`reconstruct`
+writes that combination as a checkpoint, streaming over the snapshot files.
+
+The averaging profile of a power EMA with exponent :math:`\\gamma` taken at time :math:`t` is
+
+.. math::
+
+    p_{t,\\gamma}(\\tau) = \\frac{\\gamma + 1}{t^{\\gamma + 1}}\\,\\tau^{\\gamma},
+    \\qquad 0 \\le \\tau \\le t,
+
+and the averaged weights are :math:`\\int_0^t p_{t,\\gamma}(\\tau)\\,x(\\tau)\\,d\\tau`.
+(For a trajectory that is constant over each step, this is exactly the discrete average with
+the weights of :func:`polyak.schedules.power`.) Two profiles have the inner product
+
+.. math::
+
+    \\langle p_a, p_b \\rangle
+    = \\frac{(\\gamma_a + 1)(\\gamma_b + 1)}{\\gamma_a + \\gamma_b + 1}\\,
+      \\frac{m^{\\gamma_a + \\gamma_b + 1}}{t_a^{\\gamma_a + 1}\\,t_b^{\\gamma_b + 1}},
+    \\qquad m = \\min(t_a, t_b),
+
+so the least-squares fit :math:`\\min_c \\lVert \\sum_i c_i p_i - p_{target} \\rVert_2` solves
+the normal equations :math:`A c = b` with :math:`A_{ij} = \\langle p_i, p_j \\rangle` and
+:math:`b_i = \\langle p_i, p_{target} \\rangle`. As in the paper, the coefficients are then
+scaled to sum to 1 so that the result is an average.
+
+References:
+    Karras, Aittala, Lehtinen, Hellsten, Aila, Laine, `Analyzing and Improving the Training
+    Dynamics of Diffusion Models <https://arxiv.org/abs/2312.02696>`_, CVPR 2024 (section 3
+    and appendix C).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from polyak._errors import EmptyInputError, ScheduleError, WeightsError
+from polyak.schedules import sigma_rel_to_gamma
+
+__all__ = ["profile", "solve", "reconstruct"]
+
+
+def profile(t: float, gamma: float, tau: ArrayLike) -> np.ndarray:
+    """Averaging profile of a power EMA with exponent ``gamma`` taken at step ``t``.
+
+    :math:`p(\\tau) = (\\gamma + 1) / t^{\\gamma + 1} \\cdot \\tau^{\\gamma}` on
+    :math:`[0, t]` and 0 after ``t``: how much the average taken at ``t`` weighs the
+    training weights of time ``tau``. It integrates to 1 over ``[0, t]``.
+
+    Args:
+        t: Step at which the average is taken (> 0).
+        gamma: Exponent of the power EMA (> -1).
+        tau: Times at which to evaluate the profile.
+
+    Returns:
+        float64 array shaped like ``tau``.
+
+    Raises:
+        ScheduleError: ``t`` or ``gamma`` out of range.
+
+    Example:
+        >>> float(profile(10.0, 1.0, 5.0))
+        0.1
+    """
+    t, gamma = _check_t_gamma(t, gamma, "t", "gamma")
+    tau = np.asarray(tau, dtype=np.float64)
+    inside = (tau >= 0.0) & (tau <= t)
+    # tau / t first so that large t**(gamma+1) cannot overflow.
+    scaled = np.where(inside, np.clip(tau, 0.0, t) / t, 0.0)
+    return np.where(inside, (gamma + 1.0) / t * scaled**gamma, 0.0)
+
+
+def _profile_dot(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:
+    """Closed-form inner product of power profiles (broadcasting), as derived in the module doc."""
+    # Rewritten as (m/t_a)**(g_a+1) * (m/t_b)**(g_b+1) / m, whose ratios are <= 1: the
+    # literal t**(gamma+1) overflows float64 for t ~ 1e6 steps and gamma ~ 50.
+    m = np.minimum(t_a, t_b)
+    scale = (g_a + 1.0) * (g_b + 1.0) / (g_a + g_b + 1.0)
+    return scale * (m / t_a) ** (g_a + 1.0) * (m / t_b) ** (g_b + 1.0) / m
+
+
+def solve(
+    snapshots: Sequence[tuple[float, float]],
+    target_sigma_rel: float | Sequence[float],
+    target_t: float | None = None,
+) -> np.ndarray:
+    """Coefficients that best reconstruct a power EMA of another length from saved ones.
+
+    Least squares in function space between averaging profiles (see the module
+    documentation for the closed-form inner products), then each column scaled to sum to 1,
+    as in Karras et al. (2024). The coefficients are float64 and may be negative; use them
+    with ``normalize=False`` (:func:`polyak.average`, the streaming merge).
+
+    Args:
+        snapshots: The saved averages as ``(t, gamma)`` pairs: the step at which each was
+            saved and the exponent of its power EMA. No pair may appear twice.
+        target_sigma_rel: Relative standard deviation of the wanted average's profile, in
+            ``(0, 0.2887)``; a sequence gives several targets at once.
+        target_t: Step at which the wanted average is taken; defaults to the largest ``t``
+            among the snapshots, and may not exceed it (the profile there would cover
+            training steps no snapshot has seen).
+
+    Returns:
+        For a single ``target_sigma_rel``, an array of shape ``(len(snapshots),)``; for a
+        sequence of them, shape ``(len(snapshots), len(target_sigma_rel))``, one column per
+        target. Each column sums to 1.
+
+    Raises:
+        EmptyInputError: ``snapshots`` or ``target_sigma_rel`` is empty.
+        ScheduleError: a ``t``/``gamma``/``sigma_rel`` out of range, a duplicated snapshot, or
+            ``target_t`` beyond the last snapshot.
+        WeightsError: the snapshots cannot reproduce the target (the fitted coefficients sum
+            to zero or are not finite).
+
+    Example:
+        >>> from polyak.schedules import sigma_rel_to_gamma
+        >>> snaps = [(t, sigma_rel_to_gamma(s)) for t in (500, 1000) for s in (0.05, 0.10)]
+        >>> c = solve(snaps, 0.10)
+        >>> np.round(c, 6) + 0.0  # the last snapshot is exactly the target
+        array([0., 0., 0., 1.])
+    """
+    t_in, g_in = _check_snapshots(snapshots)
+    single = isinstance(target_sigma_rel, numbers.Real)
+    sigmas = [target_sigma_rel] if single else list(target_sigma_rel)  # type: ignore[list-item]
+    if not sigmas:
+        raise EmptyInputError("target_sigma_rel is an empty sequence: give at least one value")
+    g_out = np.array(
+        [sigma_rel_to_gamma(s) for s in sigmas],
+        dtype=np.float64,
+    )
+    last = float(t_in.max())
+    if target_t is None:
+        t_target = last
+    else:
+        t_target, _ = _check_t_gamma(target_t, 0.0, "target_t", "gamma")
+        if t_target > last:
+            raise ScheduleError(
+                f"target_t={target_t} is after the last snapshot (t={last:g}); the average "
+                "there would need training weights that no snapshot has seen"
+            )
+    t_out = np.full_like(g_out, t_target)
+
+    gram = _profile_dot(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
+    rhs = _profile_dot(t_in[:, None], g_in[:, None], t_out[None, :], g_out[None, :])
+    try:
+        coef = np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        raise WeightsError(
+            "the snapshot profiles are linearly dependent (numerically singular Gram "
+            f"matrix) for snapshots {list(zip(t_in.tolist(), g_in.tolist(), strict=True))}"
+        ) from None
+    total = coef.sum(axis=0)
+    if not (np.all(np.isfinite(coef)) and np.all(total != 0.0)):
+        raise WeightsError(
+            f"cannot reconstruct sigma_rel={sigmas} at t={t_target:g} from these snapshots: "
+            f"the fitted coefficients sum to {total.tolist()}"
+        )
+    coef = coef / total
+    return coef[:, 0] if single else coef
+
+
+def _check_t_gamma(t: object, gamma: object, t_name: str, g_name: str) -> tuple[float, float]:
+    try:
+        t_f, g_f = float(t), float(gamma)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ScheduleError(
+            f"{t_name} and {g_name} must be real numbers, got {t_name}={t!r}, {g_name}={gamma!r}"
+        ) from None
+    if not (math.isfinite(t_f) and t_f > 0.0):
+        raise ScheduleError(f"{t_name} must be a finite number > 0, got {t_name}={t!r}")
+    if not (math.isfinite(g_f) and g_f > -1.0):
+        raise ScheduleError(f"{g_name} must be a finite number > -1, got {g_name}={gamma!r}")
+    return t_f, g_f
+
+
+def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    pairs = list(snapshots)
+    if not pairs:
+        raise EmptyInputError("snapshots is empty: give at least one (t, gamma) pair")
+    seen: dict[tuple[float, float], int] = {}
+    ts, gs = [], []
+    for i, pair in enumerate(pairs):
+        try:
+            t, gamma = pair
+        except (TypeError, ValueError):
+            raise ScheduleError(
+                f"snapshots[{i}] must be a (t, gamma) pair, got {pair!r}"
+            ) from None
+        t_f, g_f = _check_t_gamma(t, gamma, f"snapshots[{i}] t", f"snapshots[{i}] gamma")
+        if (t_f, g_f) in seen:
+            raise ScheduleError(
+                f"snapshots[{i}] (t={t_f:g}, gamma={g_f:g}) repeats snapshots[{seen[t_f, g_f]}]; "
+                "drop the duplicate"
+            )
+        seen[t_f, g_f] = i
+        ts.append(t_f)
+        gs.append(g_f)
+    return np.array(ts, dtype=np.float64), np.array(gs, dtype=np.float64)
+
+
+def reconstruct(*args: object, **kwargs: object) -> np.ndarray:  # pragma: no cover - placeholder
+    raise NotImplementedError(os.fspath("reconstruct"))
