@@ -1,7 +1,44 @@
-"""polyak: average model weights (Polyak-Ruppert, EMA, SWA, checkpoint averaging, soups)."""
+"""polyak: average model weights, for any framework, in bounded memory.
 
-from polyak._errors import PolyakError
+Polyak-Ruppert averaging, EMA, SWA, checkpoint averaging and model soups over parameter
+pytrees (:func:`average`, :class:`Averager`) and safetensors checkpoints on disk
+(:mod:`polyak.safetensors`), with pluggable weight :mod:`~polyak.schedules`.
+
+Example:
+    >>> import numpy as np, polyak
+    >>> snaps = [{"w": np.full(3, float(i))} for i in range(4)]  # oldest first
+    >>> polyak.average(snaps, "linear")["w"]
+    array([2., 2., 2.])
+"""
+
+from polyak import schedules
+from polyak._average import average, weights
+from polyak._errors import (
+    DtypeError,
+    EmptyInputError,
+    NoOnlineFormError,
+    PolyakError,
+    ScheduleError,
+    ShapeError,
+    StructureError,
+    WeightsError,
+)
+from polyak.schedules import Schedule
 
 __version__ = "0.1.0"
 
-__all__ = ["PolyakError", "__version__"]
+__all__ = [
+    "__version__",
+    "average",
+    "weights",
+    "schedules",
+    "Schedule",
+    "PolyakError",
+    "EmptyInputError",
+    "StructureError",
+    "ShapeError",
+    "DtypeError",
+    "WeightsError",
+    "ScheduleError",
+    "NoOnlineFormError",
+]

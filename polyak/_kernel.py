@@ -1,0 +1,159 @@
+"""The numeric kernel every numpy average in polyak goes through.
+
+``polyak.average``, the online averager's numpy path and the streaming checkpoint merge all
+accumulate ``w_i * x_i`` with :func:`accumulate`, chunk by chunk, and round once with
+:func:`finalize`. Sharing the kernel is what makes a streamed merge equal the in-memory
+average bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from polyak._errors import DtypeError, PolyakError
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "INT_POLICIES",
+    "accumulator_dtype",
+    "accumulate",
+    "finalize",
+    "combine_ints",
+    "check_int_policy",
+    "dtype_kind",
+]
+
+# 64 Ki elements: an accumulator, a scratch buffer and one input chunk (256 KiB each in
+# float32) stay in L2 while every snapshot streams through them.
+CHUNK_ELEMENTS = 1 << 16
+
+INT_POLICIES = ("last", "first", "error", "average")
+
+_ML_FLOATS = frozenset(
+    np.dtype(getattr(ml_dtypes, name))
+    for name in (
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e4m3b11fnuz",
+        "float8_e4m3",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e3m4",
+        "float8_e8m0fnu",
+        "float6_e2m3fn",
+        "float6_e3m2fn",
+        "float4_e2m1fn",
+    )
+    if hasattr(ml_dtypes, name)
+)
+_ML_INTS = frozenset(
+    np.dtype(getattr(ml_dtypes, name))
+    for name in ("int2", "int4", "uint2", "uint4")
+    if hasattr(ml_dtypes, name)
+)
+
+
+def dtype_kind(dtype: np.dtype) -> str:
+    """``"float"``, ``"complex"``, ``"int"`` (ints and bools) or ``"other"``."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f" or dtype in _ML_FLOATS:
+        return "float"
+    if dtype.kind == "c":
+        return "complex"
+    if dtype.kind in "iub" or dtype in _ML_INTS:
+        return "int"
+    return "other"
+
+
+def accumulator_dtype(dtype: np.dtype, requested: np.dtype | str | None = None) -> np.dtype:
+    """The dtype an average of ``dtype`` leaves accumulates in.
+
+    float16, bfloat16, float8 and float32 accumulate in float32; float64 in float64; complex
+    in at least complex64. ``requested`` may raise that (``"float64"``), never lower it.
+
+    Raises:
+        DtypeError: ``dtype`` is not a floating or complex type, or ``requested`` is not.
+    """
+    dtype = np.dtype(dtype)
+    kind = dtype_kind(dtype)
+    if kind == "float":
+        # ml_dtypes' small floats (bf16, fp8) are kind "V" and promote poorly: take float32.
+        base = np.promote_types(dtype, np.float32) if dtype.kind == "f" else np.dtype(np.float32)
+    elif kind == "complex":
+        base = np.promote_types(dtype, np.complex64)
+    else:
+        raise DtypeError(f"cannot accumulate dtype {dtype}: not a floating-point type")
+    if requested is None:
+        return base
+    try:
+        req = np.dtype(requested)
+    except TypeError:
+        raise DtypeError(f"accumulate_dtype={requested!r} is not a dtype") from None
+    if req.kind not in "fc":
+        raise DtypeError(f"accumulate_dtype must be a float or complex dtype, got {req}")
+    return np.promote_types(base, req)
+
+
+def accumulate(
+    acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray, *, first: bool
+) -> None:
+    """``acc = w * x`` (``first``) or ``acc += w * x``, computed in ``acc.dtype``.
+
+    ``x`` may be any float dtype (bf16 and fp8 included): it is cast up to ``acc.dtype``
+    before the multiply, so a low-precision product is never rounded. ``scratch`` has the
+    shape and dtype of ``acc``; no memory is allocated.
+    """
+    wt = acc.dtype.type(w)
+    if first:
+        np.multiply(x, wt, out=acc, dtype=acc.dtype)
+    else:
+        np.multiply(x, wt, out=scratch, dtype=acc.dtype)
+        np.add(acc, scratch, out=acc)
+
+
+def finalize(acc: np.ndarray, out: np.ndarray) -> None:
+    """Round the accumulator once into the output dtype (round to nearest even)."""
+    np.copyto(out, acc, casting="unsafe")
+
+
+def check_int_policy(policy: str) -> str:
+    """Validate an ``int_policy`` argument."""
+    if policy not in INT_POLICIES:
+        raise PolyakError(f"int_policy must be one of {INT_POLICIES}, got int_policy={policy!r}")
+    return policy
+
+
+def combine_ints(
+    arrays: Sequence[np.ndarray], weights: np.ndarray, policy: str, where: str
+) -> np.ndarray:
+    """Combine integer or bool leaves (step counters, masks) by ``policy``.
+
+    ``"last"`` and ``"first"`` copy the newest or oldest; ``"average"`` takes the weighted
+    mean in float64, rounds half to even and clips to the dtype's range; ``"error"`` refuses.
+
+    Raises:
+        DtypeError: with ``policy="error"``, naming ``where``.
+    """
+    if policy == "last":
+        return np.array(arrays[-1], copy=True)
+    if policy == "first":
+        return np.array(arrays[0], copy=True)
+    dtype = np.asarray(arrays[-1]).dtype
+    if policy == "error":
+        raise DtypeError(
+            f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
+            "(use 'last', 'first' or 'average')"
+        )
+    acc = np.zeros(np.shape(arrays[-1]), dtype=np.float64)
+    for a, w in zip(arrays, weights):
+        if w != 0:
+            acc += w * np.asarray(a, dtype=np.float64)
+    np.rint(acc, out=acc)
+    if dtype.kind == "b":
+        return acc != 0
+    info = np.iinfo(dtype)
+    return np.clip(acc, info.min, info.max).astype(dtype)
