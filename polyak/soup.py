@@ -105,11 +105,11 @@ def greedy(
     for i, cand in enumerate(cands):
         tree, layout = _load(cand, i)
         if ref is None:
-            ref = layout
+            ref = layout.skeleton()
             if int_policy == "error" and "int" in layout.kinds:
                 j = layout.kinds.index("int")
                 raise DtypeError(
-                    f"{layout.at(j)}: {layout.leaves[j].dtype} leaf cannot be averaged with "
+                    f"{layout.at(j)}: {layout.dtypes[j]} leaf cannot be averaged with "
                     "int_policy='error' (use 'first', 'last' or 'average')"
                 )
         else:
@@ -166,7 +166,11 @@ def _score(value: object, what: str) -> float:
 
 
 class _Layout:
-    """One candidate's leaves (detached, in their own library), with its accessors and spec."""
+    """One candidate's leaves (detached, in their own library), with its accessors and spec.
+
+    :meth:`skeleton` keeps everything but the arrays, so that the reference layout used for
+    checks does not pin the first candidate in memory.
+    """
 
     def __init__(self, leaves: list[Any], accessors: list[Any], treespec: Any, root: str):
         self.leaves = leaves
@@ -174,6 +178,15 @@ class _Layout:
         self.treespec = treespec
         self.root = root
         self.kinds = [_kind(leaf) for leaf in leaves]
+        self.shapes = [tuple(leaf.shape) for leaf in leaves]
+        self.dtypes = [leaf.dtype for leaf in leaves]
+        self.namespaces = [namespace(leaf) for leaf in leaves]
+
+    def skeleton(self) -> _Layout:
+        bare = object.__new__(_Layout)
+        bare.__dict__.update(self.__dict__)
+        bare.leaves = []
+        return bare
 
     def at(self, j: int) -> str:
         return _tree.where(self.accessors[j], root=self.root)
@@ -183,22 +196,21 @@ class _Layout:
         _tree.check_same_structure(
             other.treespec, other.accessors, self.treespec, self.accessors, other.root, self.root
         )
-        for j, (a, b) in enumerate(zip(self.leaves, other.leaves, strict=True)):
-            if tuple(a.shape) != tuple(b.shape):
+        for j in range(len(self.kinds)):
+            if other.shapes[j] != self.shapes[j]:
                 raise ShapeError(
-                    f"{other.at(j)}: shape {tuple(b.shape)} != {tuple(a.shape)} in {self.root}"
+                    f"{other.at(j)}: shape {other.shapes[j]} != {self.shapes[j]} in {self.root}"
                 )
-            if other.kinds[j] == "other":
-                raise DtypeError(f"{other.at(j)}: dtype {b.dtype} cannot be averaged")
             if other.kinds[j] != self.kinds[j]:
                 raise DtypeError(
-                    f"{other.at(j)}: dtype {b.dtype} ({other.kinds[j]}) != {a.dtype} "
-                    f"({self.kinds[j]}) in {self.root}"
+                    f"{other.at(j)}: dtype {other.dtypes[j]} ({other.kinds[j]}) != "
+                    f"{self.dtypes[j]} ({self.kinds[j]}) in {self.root}"
                 )
-            if namespace(a) is not namespace(b):
+            if other.namespaces[j] is not self.namespaces[j]:
                 raise DtypeError(
-                    f"{other.at(j)}: a {type(b).__name__} where {self.root} has a "
-                    f"{type(a).__name__}; every candidate's leaf must come from the same library"
+                    f"{other.at(j)}: a {type(other.leaves[j]).__name__} leaf where {self.root} "
+                    "has another array library's; every candidate's leaf must come from the "
+                    "same library"
                 )
 
 
@@ -220,7 +232,10 @@ def _load(candidate: Any, index: int) -> tuple[Any, _Layout]:
         from polyak import safetensors as _st
 
         root = f"candidates[{index}] ({os.fspath(candidate)})"
-        candidate = _st.load(candidate)
+        try:
+            candidate = _st.load(candidate)
+        except PolyakError as err:
+            raise type(err)(f"{root}: {err}") from None
     leaves, accessors, treespec = _tree.flatten(candidate)
     leaves = [detach(x) if namespace(x) is not None else np.asarray(x) for x in leaves]
     layout = _Layout(leaves, accessors, treespec, root)
@@ -242,8 +257,8 @@ class _RunningSum:
         self.accumulate_dtype = accumulate_dtype
         self.int_policy = int_policy
         self.count = 0
-        self.sums: list[Any] = [None] * len(ref.leaves)
-        self.ints: list[list[Any]] = [[] for _ in ref.leaves]
+        self.sums: list[Any] = [None] * len(ref.kinds)
+        self.ints: list[list[Any]] = [[] for _ in ref.kinds]
 
     def with_added(self, layout: _Layout) -> _RunningSum:
         new = _RunningSum(self.ref, self.accumulate_dtype, self.int_policy)
@@ -286,16 +301,16 @@ class _RunningSum:
 
     def params(self) -> Any:
         leaves = []
-        for j, ref in enumerate(self.ref.leaves):
-            if self.ref.kinds[j] == "int":
+        for j, kind in enumerate(self.ref.kinds):
+            if kind == "int":
                 leaves.append(self._ints(j))
                 continue
-            xp = namespace(ref)
+            xp = self.ref.namespaces[j]
             mean = self.sums[j] / self.count
             if xp is not None:
-                leaves.append(xp.astype(mean, ref.dtype))
+                leaves.append(xp.astype(mean, self.ref.dtypes[j]))
             else:
-                out = np.empty(ref.shape, dtype=ref.dtype)
+                out = np.empty(self.ref.shapes[j], dtype=self.ref.dtypes[j])
                 _kernel.finalize(mean, out)
                 leaves.append(out)
         return self.ref.treespec.unflatten(leaves)
