@@ -42,14 +42,24 @@ import math
 import numbers
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from polyak._errors import EmptyInputError, ScheduleError, WeightsError
+from polyak._errors import EmptyInputError, PolyakError, ScheduleError, WeightsError
 from polyak.schedules import sigma_rel_to_gamma
 
-__all__ = ["profile", "solve", "reconstruct"]
+__all__ = [
+    "profile",
+    "solve",
+    "snapshot_metadata",
+    "find_snapshots",
+    "reconstruct",
+    "T_KEY",
+    "GAMMA_KEY",
+]
 
 
 def profile(t: float, gamma: float, tau: ArrayLike) -> np.ndarray:
@@ -210,5 +220,166 @@ def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarr
     return np.array(ts, dtype=np.float64), np.array(gs, dtype=np.float64)
 
 
-def reconstruct(*args: object, **kwargs: object) -> np.ndarray:  # pragma: no cover - placeholder
-    raise NotImplementedError(os.fspath("reconstruct"))
+# Metadata keys of a post-hoc snapshot: the averaging time t and the exponent gamma.
+T_KEY = "polyak.t"
+GAMMA_KEY = "polyak.gamma"
+
+
+def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
+    """The metadata that marks a saved power-EMA average for :func:`reconstruct`.
+
+    Pass it to :meth:`polyak.SnapshotDir.save` when saving the average: ``t`` is the number
+    of updates folded into it (:attr:`polyak.Averager.count`) and ``gamma`` the exponent of
+    its :func:`polyak.schedules.power` schedule. Floats are written with ``repr`` so that
+    they read back exactly.
+
+    Args:
+        t: The averaging time (> 0).
+        gamma: The exponent (> -1).
+
+    Returns:
+        ``{"polyak.t": ..., "polyak.gamma": ...}``.
+
+    Raises:
+        ScheduleError: ``t`` or ``gamma`` out of range.
+
+    Example:
+        >>> snapshot_metadata(2000, 6.5)
+        {'polyak.t': '2000.0', 'polyak.gamma': '6.5'}
+    """
+    t_f, g_f = _check_t_gamma(t, gamma, "t", "gamma")
+    return {T_KEY: repr(t_f), GAMMA_KEY: repr(g_f)}
+
+
+def find_snapshots(
+    snapshot_dir: str | os.PathLike[str] | Any | Sequence[str | os.PathLike[str] | Any],
+) -> list[tuple[Path, float, float]]:
+    """The post-hoc snapshots in one or more snapshot directories, with their ``t``/``gamma``.
+
+    A directory that holds no ``snapshot-*.safetensors`` file itself is searched one level
+    down, so that ``run/ema`` with ``run/ema/sigma-0.05`` and ``run/ema/sigma-0.10`` (one
+    :class:`polyak.SnapshotDir` per tracked average) can be given as one directory.
+
+    Args:
+        snapshot_dir: A directory path or :class:`polyak.SnapshotDir`, or a sequence of them.
+
+    Returns:
+        ``(path, t, gamma)`` for every snapshot file, directory by directory, oldest first.
+
+    Raises:
+        EmptyInputError: no snapshot file was found.
+        PolyakError: a snapshot's metadata lacks ``t``/``gamma`` (the file is named).
+    """
+    from polyak import safetensors as st
+    from polyak._snapshots import SnapshotDir
+
+    dirs = snapshot_dir if isinstance(snapshot_dir, (list, tuple)) else [snapshot_dir]
+    paths: list[Path] = []
+    for d in dirs:
+        sd = d if isinstance(d, SnapshotDir) else SnapshotDir(d)
+        found = sd.paths()
+        if not found and sd.path.is_dir():
+            for sub in sorted(p for p in sd.path.iterdir() if p.is_dir()):
+                found.extend(SnapshotDir(sub).paths())
+        paths.extend(found)
+    if not paths:
+        raise EmptyInputError(
+            f"no snapshot-*.safetensors file in {[str(getattr(d, 'path', d)) for d in dirs]} "
+            "or its immediate subdirectories"
+        )
+    out = []
+    for path in paths:
+        meta = st.read_metadata(path) or {}
+        if T_KEY not in meta or GAMMA_KEY not in meta:
+            raise PolyakError(
+                f"{path}: metadata has no {T_KEY!r}/{GAMMA_KEY!r}; save post-hoc snapshots "
+                "with SnapshotDir.save(params, step, metadata=polyak.posthoc.snapshot_metadata("
+                "averager.count, gamma))"
+            )
+        try:
+            t, gamma = _check_t_gamma(meta[T_KEY], meta[GAMMA_KEY], T_KEY, GAMMA_KEY)
+        except ScheduleError as err:
+            raise ScheduleError(f"{path}: {err}") from None
+        out.append((path, t, gamma))
+    return out
+
+
+def reconstruct(
+    snapshot_dir: str | os.PathLike[str] | Any | Sequence[str | os.PathLike[str] | Any],
+    output: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    sigma_rel: float | Sequence[float],
+    t: float | None = None,
+    *,
+    dtype: Any = None,
+    accumulate_dtype: Any = None,
+    threads: int | None = None,
+    progress: Any = None,
+) -> np.ndarray:
+    """Write the power EMA of any ``sigma_rel`` reconstructed from saved post-hoc snapshots.
+
+    Reads ``t`` and ``gamma`` from every snapshot's metadata (see :func:`snapshot_metadata`),
+    computes the coefficients with :func:`solve`, and runs the streaming safetensors merge
+    with ``normalize=False``. Several ``sigma_rel`` values are written in one pass over the
+    snapshot files (:func:`polyak.safetensors.merge_many`); each output appears atomically.
+
+    Args:
+        snapshot_dir: Where the snapshots are (see :func:`find_snapshots`).
+        output: The output ``.safetensors`` path (a directory for a sharded checkpoint); a
+            sequence of them, one per value, when ``sigma_rel`` is a sequence.
+        sigma_rel: The wanted relative width(s), each in ``(0, 0.2887)``.
+        t: The step to reconstruct at; defaults to the last snapshot's ``t``.
+        dtype: Cast float tensors of the outputs (e.g. ``"bfloat16"``).
+        accumulate_dtype: Raise the accumulation precision (``"float64"``).
+        threads: Worker threads of the merge.
+        progress: ``True`` for a progress bar, as in :func:`polyak.safetensors.merge`.
+
+    Returns:
+        The coefficients, as :func:`solve` returns them (one column per ``sigma_rel`` when a
+        sequence is given), in the order of :func:`find_snapshots`.
+
+    Raises:
+        EmptyInputError: no snapshots.
+        PolyakError: snapshot metadata missing, ``output`` not matching ``sigma_rel``, bad
+            ``sigma_rel``/``t`` (:func:`solve`), or any error of the merge.
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> root = tempfile.mkdtemp()
+        >>> for s in (0.05, 0.10):
+        ...     avg = polyak.Averager(polyak.schedules.power(sigma_rel=s))
+        ...     snaps = polyak.SnapshotDir(os.path.join(root, f"sigma-{s}"))
+        ...     gamma = avg.schedule.params["gamma"]
+        ...     for step in range(1, 101):
+        ...         avg.update({"w": np.full(3, float(step), np.float32)})
+        ...         if step % 20 == 0:
+        ...             meta = polyak.posthoc.snapshot_metadata(avg.count, gamma)
+        ...             _ = snaps.save(avg.value, step, metadata=meta)
+        >>> out = os.path.join(root, "ema-0.08.safetensors")
+        >>> coef = polyak.posthoc.reconstruct(root, out, sigma_rel=0.08)
+        >>> round(float(polyak.safetensors.load(out)["w"][0]), 1)  # a power EMA of 1..100
+        92.2
+    """
+    from polyak import safetensors as st
+
+    single = isinstance(sigma_rel, numbers.Real)
+    outputs = [output] if single else output
+    if isinstance(outputs, (str, os.PathLike)) or len(outputs) != (  # type: ignore[arg-type]
+        1 if single else len(sigma_rel)  # type: ignore[arg-type]
+    ):
+        raise PolyakError(
+            f"give one output per sigma_rel: sigma_rel={sigma_rel!r}, output={output!r}"
+        )
+    found = find_snapshots(snapshot_dir)
+    coef = solve([(t_i, g_i) for _, t_i, g_i in found], sigma_rel, t)
+    columns = coef[:, None] if single else coef
+    st.merge_many(
+        [p for p, _, _ in found],
+        [Path(o) for o in outputs],  # type: ignore[union-attr]
+        [columns[:, k] for k in range(columns.shape[1])],
+        normalize=False,
+        dtype=dtype,
+        accumulate_dtype=accumulate_dtype,
+        threads=threads,
+        progress=progress,
+    )
+    return coef
