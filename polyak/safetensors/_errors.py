@@ -1,6 +1,6 @@
 """Errors of the safetensors adapter.
 
-Bad input (a corrupt or hostile file, checkpoints that do not match, a bad argument) raises a
+Bad input (a corrupt or hostile file, a bad argument) raises a
 :class:`polyak.PolyakError` subclass naming the file, the tensor and the problem. Failures of
 the machine while writing (a full disk, a file size limit) raise :class:`OutputWriteError`, an
 :class:`OSError` that keeps its ``errno``, after removing everything half written.
@@ -8,9 +8,9 @@ the machine while writing (a full disk, a file size limit) raise :class:`OutputW
 
 from __future__ import annotations
 
-from polyak._errors import PolyakError, StructureError
+from polyak._errors import PolyakError
 
-__all__ = ["HeaderError", "CheckpointError", "MismatchError", "OutputError", "OutputWriteError"]
+__all__ = ["HeaderError", "CheckpointError", "OutputError", "OutputWriteError"]
 
 
 class HeaderError(PolyakError):
@@ -19,10 +19,6 @@ class HeaderError(PolyakError):
 
 class CheckpointError(PolyakError):
     """A checkpoint path cannot be used: missing, not a safetensors file, or a bad directory."""
-
-
-class MismatchError(StructureError):
-    """Checkpoints to merge differ in tensor names, shapes or dtypes."""
 
 
 class OutputError(PolyakError):
