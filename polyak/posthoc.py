@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError, WeightsError
-from polyak.schedules import sigma_rel_to_gamma
+from polyak.schedules import power, sigma_rel_to_gamma
 
 __all__ = [
     "profile",
@@ -135,7 +136,7 @@ def solve(
             to zero or are not finite).
 
     Example:
-        >>> from polyak.schedules import sigma_rel_to_gamma
+        >>> from polyak.schedules import power, sigma_rel_to_gamma
         >>> snaps = [(t, sigma_rel_to_gamma(s)) for t in (500, 1000) for s in (0.05, 0.10)]
         >>> c = solve(snaps, 0.10)
         >>> np.round(c, 6) + 0.0  # the last snapshot is exactly the target
@@ -264,7 +265,7 @@ def find_snapshots(
         snapshot_dir: A directory path or :class:`polyak.SnapshotDir`, or a sequence of them.
 
     Returns:
-        ``(path, t, gamma)`` for every snapshot file, directory by directory, oldest first.
+        ``(path, t, gamma)`` for every snapshot file, sorted by ``t`` then ``gamma``.
 
     Raises:
         EmptyInputError: no snapshot file was found.
@@ -290,6 +291,13 @@ def find_snapshots(
     out = []
     for path in paths:
         meta = st.read_metadata(path) or {}
+        if "polyak" in meta:
+            # A merge output (it carries the merge record) copies the first input's
+            # metadata, t and gamma included, which do not describe its own profile.
+            raise PolyakError(
+                f"{path} is the output of a merge, not a post-hoc snapshot; keep merged or "
+                "reconstructed files out of the snapshot directories"
+            )
         if T_KEY not in meta or GAMMA_KEY not in meta:
             raise PolyakError(
                 f"{path}: metadata has no {T_KEY!r}/{GAMMA_KEY!r}; save post-hoc snapshots "
@@ -301,6 +309,7 @@ def find_snapshots(
         except ScheduleError as err:
             raise ScheduleError(f"{path}: {err}") from None
         out.append((path, t, gamma))
+    out.sort(key=lambda entry: (entry[1], entry[2], str(entry[0])))
     return out
 
 
@@ -356,8 +365,11 @@ def reconstruct(
         ...             _ = snaps.save(avg.value, step, metadata=meta)
         >>> out = os.path.join(root, "ema-0.08.safetensors")
         >>> coef = polyak.posthoc.reconstruct(root, out, sigma_rel=0.08)
-        >>> round(float(polyak.safetensors.load(out)["w"][0]), 1)  # a power EMA of 1..100
-        92.2
+        >>> round(float(polyak.safetensors.load(out)["w"][0]), 1)
+        91.6
+        >>> w = polyak.schedules.power(sigma_rel=0.08).weights(100)  # tracked directly:
+        >>> round(float(w @ np.arange(1, 101)), 1)
+        91.8
     """
     from polyak import safetensors as st
 
@@ -372,14 +384,19 @@ def reconstruct(
     found = find_snapshots(snapshot_dir)
     coef = solve([(t_i, g_i) for _, t_i, g_i in found], sigma_rel, t)
     columns = coef[:, None] if single else coef
-    st.merge_many(
-        [p for p, _, _ in found],
-        [Path(o) for o in outputs],  # type: ignore[union-attr]
-        [columns[:, k] for k in range(columns.shape[1])],
-        normalize=False,
-        dtype=dtype,
-        accumulate_dtype=accumulate_dtype,
-        threads=threads,
-        progress=progress,
-    )
+    with warnings.catch_warnings():
+        # Snapshots from several directories share file names; with explicit coefficients
+        # their order does not matter, so the merge's natural-order warning is noise here.
+        warnings.simplefilter("ignore", st.OrderWarning)
+        st.merge_many(
+            [p for p, _, _ in found],
+            [Path(o) for o in outputs],  # type: ignore[union-attr]
+            [columns[:, k] for k in range(columns.shape[1])],
+            normalize=False,
+            dtype=dtype,
+            accumulate_dtype=accumulate_dtype,
+            threads=threads,
+            progress=progress,
+            schedules=[power(sigma_rel=s) for s in ([sigma_rel] if single else sigma_rel)],
+        )
     return coef

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 
+import polyak
 from polyak import posthoc
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError
 from polyak.schedules import gamma_to_sigma_rel, power, sigma_rel_to_gamma
@@ -192,3 +194,172 @@ def test_solve_bad_input_names_what_is_wrong():
     with pytest.raises(ScheduleError, match="gamma"):
         posthoc.profile(10.0, -1.0, 1.0)
     assert issubclass(ScheduleError, PolyakError)
+
+
+# --- reconstruct: snapshots on disk, streaming merge ----------------------------------------
+
+SIZES = {"dense": {"kernel": (200, 300), "bias": (300,)}, "head": {"kernel": (300, 132)}}
+SIZES["head"]["bias"] = (100,)  # 60,000 + 300 + 39,600 + 100 = 100,000 parameters
+
+
+def _random_walk_run(root, sigmas_saved, sigmas_tracked, *, steps, every, seed=0, sizes=SIZES):
+    """A noisy random walk of a float32 tree, with power EMAs tracked by polyak.Averager.
+
+    The averages of ``sigmas_saved`` are saved every ``every`` steps to one SnapshotDir each
+    (``root/sigma-<s>``); all of them are returned at the end.
+    """
+    rng = np.random.default_rng(seed)
+    params = {
+        layer: {name: np.zeros(shape, np.float32) for name, shape in leaves.items()}
+        for layer, leaves in sizes.items()
+    }
+    averagers = {s: polyak.Averager(power(sigma_rel=s)) for s in sigmas_tracked}
+    dirs = {s: polyak.SnapshotDir(root / f"sigma-{s}") for s in sigmas_saved}
+    for step in range(1, steps + 1):
+        for layer in params.values():
+            for value in layer.values():
+                # Drift plus noise: the weights wander, so the EMA lengths differ visibly.
+                value += np.float32(0.01) + rng.standard_normal(value.shape, np.float32)
+        for avg in averagers.values():
+            avg.update(params)
+        if step % every == 0:
+            for s, d in dirs.items():
+                gamma = averagers[s].schedule.params["gamma"]
+                d.save(
+                    averagers[s].value,
+                    step,
+                    metadata=posthoc.snapshot_metadata(averagers[s].count, gamma),
+                )
+    return {s: avg.value for s, avg in averagers.items()}
+
+
+def _vector(tree, names) -> np.ndarray:
+    """The leaves named ``layer.name`` (safetensors names), as one float64 vector."""
+    return np.concatenate(
+        [np.asarray(tree[n.split(".")[0]][n.split(".")[1]], np.float64).ravel() for n in names]
+    )
+
+
+def test_reconstruction_of_sigma_0_08_matches_tracking_it(tmp_path, capsys):
+    from safetensors.numpy import load_file
+
+    tracked = _random_walk_run(
+        tmp_path / "snaps", (0.05, 0.10), (0.05, 0.10, 0.08), steps=2000, every=50
+    )
+    out = tmp_path / "ema-0.08.safetensors"
+    coef = posthoc.reconstruct(tmp_path / "snaps", out, sigma_rel=0.08)
+    assert coef.shape == (80,)
+    assert coef.sum() == pytest.approx(1.0)
+
+    got = load_file(str(out))  # the official reader, not polyak's
+    names = sorted(got)
+    assert names == ["dense.bias", "dense.kernel", "head.bias", "head.kernel"]
+    assert all(a.dtype == np.float32 for a in got.values())
+    recon = np.concatenate([got[n].astype(np.float64).ravel() for n in names])
+    assert recon.size == 100_000
+    direct = _vector(tracked[0.08], names)
+    spread = np.linalg.norm(_vector(tracked[0.05], names) - _vector(tracked[0.10], names))
+    err = np.linalg.norm(recon - direct)
+    with capsys.disabled():
+        print(
+            f"\npost-hoc sigma_rel=0.08 from 2 x 40 snapshots: |recon - tracked| = {err:.4g}, "
+            f"|ema(0.05) - ema(0.10)| = {spread:.4g}, ratio {err / spread:.3g}"
+        )
+    assert err < 1e-2 * spread
+
+
+SMALL = {"dense": {"kernel": (7, 5), "bias": (5,)}, "head": {"kernel": (5, 3), "bias": (3,)}}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    tracked = _random_walk_run(
+        root / "snaps", (0.05, 0.10), (0.05, 0.10), steps=300, every=30, sizes=SMALL
+    )
+    return root / "snaps", tracked
+
+
+def test_reconstruct_equals_the_in_memory_average_with_the_same_coefficients(small_run, tmp_path):
+    from polyak import safetensors as pst
+
+    snaps, _ = small_run
+    found = posthoc.find_snapshots(snaps)
+    assert [t for _, t, _ in found] == sorted(t for _, t, _ in found)
+    assert len(found) == 20 and {round(g, 2) for _, _, g in found} == {16.97, 6.94}
+    for t in (None, 150):
+        out = tmp_path / f"ema-{t}.safetensors"
+        coef = posthoc.reconstruct(snaps, out, sigma_rel=0.08, t=t)
+        expected_coef = posthoc.solve([(t_i, g_i) for _, t_i, g_i in found], 0.08, t)
+        np.testing.assert_array_equal(coef, expected_coef)
+        # The streaming merge shares the core kernel, so it matches average() bit for bit.
+        ref = polyak.average([pst.load(p) for p, _, _ in found], coef, normalize=False)
+        got = pst.load(out)
+        assert got.keys() == ref.keys()
+        for name in ref:
+            np.testing.assert_array_equal(got[name], ref[name])
+
+
+def test_several_sigma_rel_are_written_in_one_pass(small_run, tmp_path, monkeypatch):
+    from polyak import safetensors as pst
+
+    snaps, _ = small_run
+    calls = []
+    real = pst.merge_many
+
+    def spy(inputs, outputs, weight_vectors, **kwargs):
+        calls.append(len(outputs))
+        return real(inputs, outputs, weight_vectors, **kwargs)
+
+    singles = []
+    for s in (0.05, 0.08, 0.12):
+        singles.append(tmp_path / f"single-{s}.safetensors")
+        posthoc.reconstruct(snaps, singles[-1], sigma_rel=s)
+    monkeypatch.setattr(pst, "merge_many", spy)
+    outs = [tmp_path / f"many-{s}.safetensors" for s in (0.05, 0.08, 0.12)]
+    coef = posthoc.reconstruct(snaps, outs, sigma_rel=[0.05, 0.08, 0.12])
+    assert calls == [3]
+    assert coef.shape == (20, 3)
+    for one, many in zip(singles, outs, strict=True):
+        a, b = pst.load(one), pst.load(many)
+        for name in a:
+            np.testing.assert_array_equal(a[name], b[name])
+    record = json.loads(pst.read_metadata(outs[1])["polyak"])
+    assert record["schedule"]["name"] == "power"
+    assert record["schedule"]["params"]["sigma_rel"] == 0.08
+
+
+def test_reconstruct_bad_input(small_run, tmp_path):
+    from polyak import safetensors as pst
+
+    snaps, _ = small_run
+    with pytest.raises(PolyakError, match="one output per sigma_rel"):
+        posthoc.reconstruct(snaps, tmp_path / "a.safetensors", sigma_rel=[0.05, 0.08])
+    with pytest.raises(PolyakError, match="one output per sigma_rel"):
+        posthoc.reconstruct(snaps, [tmp_path / "a.safetensors"], sigma_rel=[0.05, 0.08])
+    with pytest.raises(EmptyInputError, match="no snapshot"):
+        posthoc.reconstruct(tmp_path / "empty", tmp_path / "a.safetensors", sigma_rel=0.08)
+    with pytest.raises(ScheduleError, match="target_t"):
+        posthoc.reconstruct(snaps, tmp_path / "a.safetensors", sigma_rel=0.08, t=10_000)
+    with pytest.raises(ScheduleError, match="sigma_rel"):
+        posthoc.reconstruct(snaps, tmp_path / "a.safetensors", sigma_rel=0.5)
+    assert not (tmp_path / "a.safetensors").exists()
+
+    plain = polyak.SnapshotDir(tmp_path / "plain")
+    plain.save({"w": np.zeros(3, np.float32)}, 10)
+    with pytest.raises(PolyakError, match=r"snapshot-0*10\.safetensors.*polyak\.t"):
+        posthoc.reconstruct(plain, tmp_path / "b.safetensors", sigma_rel=0.08)
+    bad = polyak.SnapshotDir(tmp_path / "bad")
+    bad.save({"w": np.zeros(3, np.float32)}, 10, metadata={"polyak.t": "ten", "polyak.gamma": "1"})
+    with pytest.raises(ScheduleError, match=r"snapshot-0*10\.safetensors"):
+        posthoc.reconstruct(bad, tmp_path / "b.safetensors", sigma_rel=0.08)
+
+    # A merge output dropped into a snapshot directory carries a copy of the first input's
+    # t/gamma: it must be refused, not mistaken for a snapshot.
+    mixed = polyak.SnapshotDir(tmp_path / "mixed")
+    first = posthoc.find_snapshots(snaps)[0][0]
+    mixed.save(pst.load(first), 30, metadata=posthoc.snapshot_metadata(30, 6.94))
+    pst.merge([first, first], tmp_path / "mixed" / "snapshot-0000000060.safetensors")
+    with pytest.raises(PolyakError, match="output of a merge"):
+        posthoc.reconstruct(mixed, tmp_path / "b.safetensors", sigma_rel=0.08)
+    assert not (tmp_path / "b.safetensors").exists()
