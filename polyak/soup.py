@@ -93,17 +93,46 @@ def greedy(
         >>> result.members, result.params["w"], result.scores
         ([0, 1], array([2.]), [9.0, 10.0, 10.0])
     """
+    if isinstance(candidates, (str, os.PathLike)):
+        raise PolyakError(
+            f"candidates must be a list of pytrees or paths, got the single path {candidates!r}"
+        )
     cands = list(candidates)
     if not cands:
         raise EmptyInputError("candidates is empty: give at least one pytree or checkpoint path")
+    return _greedy(
+        len(cands),
+        lambda i: _load(cands[i], i),
+        evaluate,
+        higher_is_better=higher_is_better,
+        int_policy=int_policy,
+        accumulate_dtype=accumulate_dtype,
+    )
+
+
+def _greedy(
+    count: int,
+    load: Callable[[int], tuple[Any, _Layout]],
+    evaluate: Callable[[Any], float],
+    *,
+    higher_is_better: bool,
+    int_policy: str,
+    accumulate_dtype: Any,
+    name: str = "candidates",
+) -> SoupResult:
+    """The greedy loop over ``count`` candidates that ``load(i)`` brings in one at a time.
+
+    ``load(i)`` returns what ``evaluate`` scores for candidate ``i`` alone and its flattened
+    :class:`_Layout`; adapters (Keras model files) supply their own.
+    """
     _kernel.check_int_policy(int_policy)
     better = _comparator(higher_is_better)
 
     # Pass 1: each candidate alone; also checks that all of them match the first.
     ref: _Layout | None = None
     individual: list[float] = []
-    for i, cand in enumerate(cands):
-        tree, layout = _load(cand, i)
+    for i in range(count):
+        tree, layout = load(i)
         if ref is None:
             ref = layout.skeleton()
             if int_policy == "error" and "int" in layout.kinds:
@@ -114,23 +143,24 @@ def greedy(
                 )
         else:
             ref.check(layout)
-        individual.append(_score(evaluate(tree), f"evaluate(candidates[{i}])"))
+        individual.append(_score(evaluate(tree), f"evaluate({name}[{i}])"))
         del tree, layout
-    assert ref is not None
+    if ref is None:
+        raise EmptyInputError(f"{name} is empty: nothing to make a soup of")
 
     # Stable sort, best first, NaN last: ties keep the candidates' order.
-    order = sorted(range(len(cands)), key=lambda i: _sort_key(individual[i], higher_is_better))
+    order = sorted(range(count), key=lambda i: _sort_key(individual[i], higher_is_better))
 
     # Pass 2: the greedy loop over a running sum.
     soup = _RunningSum(ref, accumulate_dtype, int_policy)
     first = order[0]
-    soup.add(_load(cands[first], first)[1])
+    soup.add(load(first)[1])
     members = [first]
     scores = [individual[first]]
     for i in order[1:]:
-        layout = _load(cands[i], i)[1]
+        layout = load(i)[1]
         trial = soup.with_added(layout)
-        score = _score(evaluate(trial.params()), f"evaluate(soup + candidates[{i}])")
+        score = _score(evaluate(trial.params()), f"evaluate(soup + {name}[{i}])")
         if better(score, scores[-1]):
             soup = trial
             members.append(i)
@@ -236,13 +266,18 @@ def _load(candidate: Any, index: int) -> tuple[Any, _Layout]:
             candidate = _st.load(candidate)
         except PolyakError as err:
             raise type(err)(f"{root}: {err}") from None
-    leaves, accessors, treespec = _tree.flatten(candidate)
+    return candidate, _layout(candidate, root)
+
+
+def _layout(tree: Any, root: str) -> _Layout:
+    """Flatten ``tree`` (named ``root`` in messages) into a :class:`_Layout`."""
+    leaves, accessors, treespec = _tree.flatten(tree)
     leaves = [detach(x) if namespace(x) is not None else np.asarray(x) for x in leaves]
     layout = _Layout(leaves, accessors, treespec, root)
     for j, k in enumerate(layout.kinds):
         if k == "other":
             raise DtypeError(f"{layout.at(j)}: dtype {leaves[j].dtype} cannot be averaged")
-    return candidate, layout
+    return layout
 
 
 class _RunningSum:
