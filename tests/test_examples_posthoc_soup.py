@@ -43,3 +43,13 @@ def test_greedy_soup_example(tmp_path):
     assert diverged not in result.members
     assert result.scores[-1] >= res["best_single"]
     assert res["uniform"] < res["best_single"]
+
+
+@pytest.mark.parametrize("page", ["posthoc.md", "soups.md"])
+def test_guide_page_doctests(page):
+    import doctest
+
+    path = EXAMPLES.parent / page
+    result = doctest.testfile(str(path), module_relative=False, verbose=False)
+    assert result.attempted > 0
+    assert result.failed == 0
