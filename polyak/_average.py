@@ -201,7 +201,8 @@ def _weighted_sum(
     size = out.size
     # Snapshots with weight 0 are never read: tail(k) and swa(start) skip old checkpoints,
     # and a diverged (NaN) snapshot outside the window cannot poison the average.
-    active = [(a, float(wi)) for a, wi in zip(arrays, w) if wi != 0]
+    coefficients, divisor = _kernel.split_weights(w)
+    active = [(a, float(c)) for a, c in zip(arrays, coefficients) if c != 0]
     if not active or size == 0:
         out[...] = 0
         return out
@@ -216,8 +217,7 @@ def _weighted_sum(
         acc = out_flat[start:stop] if in_place else acc_buf[: stop - start]
         for j, (flat, (_, wi)) in enumerate(zip(flats, active)):
             _kernel.accumulate(acc, flat[start:stop], wi, scratch[: stop - start], first=j == 0)
-        if not in_place:
-            _kernel.finalize(acc, out_flat[start:stop])
+        _kernel.finalize(acc, acc if in_place else out_flat[start:stop], divisor)
     return out
 
 

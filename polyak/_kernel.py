@@ -8,7 +8,9 @@ average bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
@@ -19,6 +21,7 @@ __all__ = [
     "CHUNK_ELEMENTS",
     "INT_POLICIES",
     "accumulator_dtype",
+    "split_weights",
     "accumulate",
     "finalize",
     "combine_ints",
@@ -98,6 +101,42 @@ def accumulator_dtype(dtype: np.dtype, requested: np.dtype | str | None = None) 
     return np.promote_types(base, req)
 
 
+# Integer coefficients up to 2**20 keep w_i * x_i exact for bf16/fp16 inputs in float32
+# and leave room for values up to ~1e32 before float32 overflows.
+_MAX_DIVISOR = 1 << 20
+
+
+def split_weights(weights: np.ndarray) -> tuple[np.ndarray, float]:
+    """Write normalized weights as ``coefficients / divisor`` with small integer coefficients.
+
+    Rational schedules (equal, linear, tail, swa, ...) have weights like 1/10 that no
+    binary float holds exactly. Accumulating ``1 * x_i`` and dividing once at the end keeps
+    the sum exact for bf16/fp16 inputs, so an average that lands exactly halfway between two
+    bf16 values (common: a few percent of elements for 10 bf16 snapshots) rounds half to
+    even, as the exact result does, instead of by the noise of ``0.1 * x``. Weights with no
+    small common denominator (exponential, EMA) come back unchanged with divisor 1.
+
+    Returns:
+        ``(coefficients, divisor)`` with ``coefficients / divisor == weights`` to float64
+        rounding.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    divisor = 1
+    for x in w.tolist():
+        f = Fraction(x).limit_denominator(_MAX_DIVISOR)
+        if abs(float(f) - x) > 4e-16 * abs(x):
+            return w, 1.0
+        divisor = math.lcm(divisor, f.denominator)
+        if divisor > _MAX_DIVISOR:
+            return w, 1.0
+    coefficients = np.rint(w * divisor)
+    if np.any(np.abs(coefficients / divisor - w) > 4e-16 * np.abs(w)) or np.any(
+        np.abs(coefficients) > _MAX_DIVISOR
+    ):
+        return w, 1.0
+    return coefficients, float(divisor)
+
+
 def accumulate(
     acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray, *, first: bool
 ) -> None:
@@ -115,9 +154,15 @@ def accumulate(
         np.add(acc, scratch, out=acc)
 
 
-def finalize(acc: np.ndarray, out: np.ndarray) -> None:
-    """Round the accumulator once into the output dtype (round to nearest even)."""
-    np.copyto(out, acc, casting="unsafe")
+def finalize(acc: np.ndarray, out: np.ndarray, divisor: float = 1.0) -> None:
+    """Divide by ``divisor`` (see :func:`split_weights`), then round once into ``out``.
+
+    ``out`` may be ``acc`` itself (float32 and float64 leaves accumulate in place).
+    """
+    if divisor != 1.0:
+        np.divide(acc, acc.dtype.type(divisor), out=acc)
+    if out is not acc:
+        np.copyto(out, acc, casting="unsafe")
 
 
 def check_int_policy(policy: str) -> str:
