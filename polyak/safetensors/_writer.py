@@ -59,6 +59,25 @@ def check_not_input(path: str, protect: set[tuple[int, int]]) -> None:
 
 _TMPFILE_OK: dict[int, bool] = {}
 
+# Start writing dirty output pages back after this many bytes, so that the final fsync
+# waits only for the tail instead of the whole file.
+WRITEBACK_BYTES = 64 << 20
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes up front: a full disk or a size limit fails here, before any
+    work, and writing into allocated blocks is faster than growing a sparse file."""
+    if size == 0:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
+
 
 def _tmpfile_works(directory: str) -> bool:
     """Whether unnamed files (O_TMPFILE) can be created in, and linked into, ``directory``.
@@ -92,6 +111,40 @@ def _tmpfile_works(directory: str) -> bool:
     return _TMPFILE_OK[dev]
 
 
+def _temp_name(path: str) -> str:
+    return f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.polyak-tmp"
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove named temporary files of ``path`` left by processes that were killed.
+
+    (A SIGKILL gives no chance to clean up; their names carry the writer's pid.)
+    """
+    directory, base = os.path.split(path)
+    prefix = f".{base}."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".polyak-tmp")):
+            continue
+        pid_text = name[len(prefix) : -len(".polyak-tmp")].split("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # the writer is alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive under another user
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
 class AtomicFile:
     """A file written in place at offsets, visible under ``path`` only after :meth:`commit`.
 
@@ -103,22 +156,22 @@ class AtomicFile:
         self.path = os.path.abspath(path)
         self.dir = os.path.dirname(self.path)
         self._tmp: str | None = None
+        self._pending = 0
         self.fd = -1
         try:
             self.fd = self._create()
-            os.ftruncate(self.fd, size)  # fails early (EFBIG) past a file size limit
+            _reserve(self.fd, size)
         except OSError as e:
             self.abort()
             raise _write_error(self.path, e) from None
 
     def _create(self) -> int:
         cloexec = getattr(os, "O_CLOEXEC", 0)
+        _remove_stale_temps(self.path)
         if _tmpfile_works(self.dir):
             return os.open(self.dir, os.O_TMPFILE | os.O_WRONLY | cloexec, 0o666)
         for _ in range(100):
-            name = os.path.join(
-                self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
-            )
+            name = os.path.join(self.dir, _temp_name(self.path))
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o666)
             except FileExistsError:
@@ -130,10 +183,16 @@ class AtomicFile:
     def pwrite(self, data: Any, offset: int) -> None:
         view = memoryview(data).cast("B")
         try:
+            self._pending += view.nbytes
             while view.nbytes:
                 n = os.pwrite(self.fd, view, offset)
                 view = view[n:]
                 offset += n
+            if self._pending > WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+                self._pending = 0
+                # DONTNEED starts asynchronous writeback of the dirty pages (and drops the
+                # ones already on disk); it does not wait, and the data stay in the file.
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         except OSError as e:
             raise _write_error(self.path, e) from None
 
@@ -150,9 +209,7 @@ class AtomicFile:
         try:
             os.fsync(self.fd)
             if self._tmp is None:
-                tmp = os.path.join(
-                    self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
-                )
+                tmp = os.path.join(self.dir, _temp_name(self.path))
                 os.link(f"/proc/self/fd/{self.fd}", tmp)
                 self._tmp = tmp
             os.replace(self._tmp, self.path)
