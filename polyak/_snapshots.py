@@ -213,13 +213,7 @@ class SnapshotDir:
 def _merge(paths: list[Path], output: Any, schedule: Any, int_policy: str) -> Path:
     from polyak import safetensors as st
 
-    merge = getattr(st, "merge", None)
-    if merge is not None:
-        merge(paths, output, schedule, int_policy=int_policy)
-    else:  # until the streaming merge lands: the in-memory average, written atomically
-        from polyak._average import average
-
-        st.save(average([st.load(p) for p in paths], schedule, int_policy=int_policy), output)
+    st.merge(paths, output, schedule, int_policy=int_policy)
     return Path(output)
 
 
