@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -53,10 +52,10 @@ def _inputs(folder, n, elements, seed=0):
     return paths
 
 
-def _run(code: str, *, preexec=None, timeout=120) -> subprocess.CompletedProcess:
+def _run(code: str, *, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=_env(), capture_output=True, text=True, timeout=timeout, preexec_fn=preexec,
+        env=_env(), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -99,11 +98,9 @@ def test_sigkill_mid_write_leaves_no_output_and_intact_inputs(tmp_path):
     )
 
 
-def _limit_file_size(limit: int):
-    def apply():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return apply
+# The child lowers its own limit first thing (a preexec_fn would force a plain fork of this
+# multithreaded test process). Python ignores SIGXFSZ, so writes past it fail with EFBIG.
+LIMIT = "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))"
 
 
 @pytest.mark.parametrize("target", ["file", "directory"])
@@ -112,6 +109,7 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, target):
     digests = [_digest(p) for p in paths]
     out = str(tmp_path / ("merged.safetensors" if target == "file" else "merged_dir"))
     code = f"""
+        {LIMIT}
         import errno, sys
         import polyak.safetensors as pst
         try:
@@ -121,7 +119,7 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, target):
             print(e, file=sys.stderr)
             sys.exit(3)
     """
-    proc = _run(code, preexec=_limit_file_size(1_000_000))  # output is ~2 MB
+    proc = _run(code)  # the output is ~2 MB
     assert proc.returncode == 3, proc.stderr
     assert "ERRNO True" in proc.stderr
     assert "file size limit" in proc.stderr and "nothing was written" in proc.stderr
@@ -138,11 +136,13 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, target):
 def test_file_size_limit_through_the_cli(tmp_path):
     paths = _inputs(str(tmp_path), 2, 500_000)
     out = str(tmp_path / "merged.safetensors")
-    proc = subprocess.run(
-        [sys.executable, "-m", "polyak", "merge", *paths, "-o", out],
-        env=_env(), capture_output=True, text=True, timeout=120,
-        preexec_fn=_limit_file_size(1_000_000),
-    )  # fmt: skip
+    argv = ["polyak", "merge", *paths, "-o", out]
+    proc = _run(f"""
+        {LIMIT}
+        import runpy, sys
+        sys.argv = {argv!r}
+        runpy.run_module("polyak", run_name="__main__")
+    """)  # fmt: skip
     assert proc.returncode == 1
     assert proc.stderr.startswith("polyak: error: cannot write")
     assert "Traceback" not in proc.stderr
