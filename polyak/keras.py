@@ -252,11 +252,13 @@ def average_models(models: Sequence[keras.Model], schedule: Any = None) -> keras
 class _RunningSum:
     """``sum_i w_i * x_i`` over weight lists fed one at a time, with the core's kernel.
 
-    Per element this is :func:`polyak.average`'s computation in the same order (weight-0
-    snapshots skipped, the first one assigned, the rest added), hence equal bit for bit.
+    Per element this is :func:`polyak.average`'s computation in the same order (the weights
+    split into coefficients and one divisor by the kernel, weight-0 snapshots skipped, the
+    first one assigned, the rest added, one division at the end), hence equal bit for bit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, divisor: float) -> None:
+        self.divisor = divisor
         self.started = False  # a nonzero-weight snapshot has been assigned
         self.dtypes: list[np.dtype] = []
         self.sums: list[np.ndarray | None] = []
@@ -296,7 +298,7 @@ class _RunningSum:
                 out.append(newest)
             else:
                 final = np.empty(acc.shape, dtype)
-                _kernel.finalize(acc, final)
+                _kernel.finalize(acc, final, self.divisor)
                 out.append(final)
         return out
 
@@ -364,15 +366,15 @@ def average_files(
     """
     paths = [os.fspath(p) for p in _nonempty(paths, "paths")]
     _check_files(paths, model is not None)
-    weights = _weights(schedule, len(paths))
-    total = _RunningSum()
+    coefficients, divisor = _kernel.split_weights(_weights(schedule, len(paths)))
+    total = _RunningSum(divisor)
     ref = None if model is None else _layout(model, "model")
     holder = None if model is None else _empty_copy(model, "model")
     ref_label = "model"
     current = None
     last = len(paths) - 1
     for i, path in enumerate(paths):
-        if weights[i] == 0 and i != last:
+        if coefficients[i] == 0 and i != last:
             continue  # as in polyak.average, a weight-0 snapshot is never read
         label = f"paths[{i}] {path!r}"
         if holder is None and current is not None:
@@ -386,7 +388,7 @@ def average_files(
             ref, ref_label = layout, label
         else:
             _check_layout(layout, label, ref, ref_label)
-        total.add(current.get_weights(), float(weights[i]))
+        total.add(current.get_weights(), float(coefficients[i]))
     current.set_weights(total.result())
     if current.compiled:
         # Loading restored the newest snapshot's optimizer state; it does not belong to the
