@@ -341,12 +341,13 @@ class _RunningSum:
                 leaves.append(self._ints(j))
                 continue
             xp = self.ref.namespaces[j]
-            mean = self.sums[j] / self.count
             if xp is not None:
-                leaves.append(xp.astype(mean, self.ref.dtypes[j]))
+                leaves.append(xp.astype(self.sums[j] / self.count, self.ref.dtypes[j]))
             else:
+                # Sum of 1 * x_i, one division, one rounding: what polyak.average does with
+                # equal weights (kernel.split_weights), so the soup equals it bit for bit.
                 out = np.empty(self.ref.shapes[j], dtype=self.ref.dtypes[j])
-                _kernel.finalize(mean, out)
+                _kernel.finalize(self.sums[j].copy(), out, float(self.count))
                 leaves.append(out)
         return self.ref.treespec.unflatten(leaves)
 

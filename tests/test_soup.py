@@ -91,6 +91,10 @@ def test_greedy_soup_params_are_the_mean_of_its_members(toy):
         ref = np.mean([candidates[i][key].astype(np.float64) for i in result.members], axis=0)
         assert result.params[key].dtype == np.float32
         np.testing.assert_allclose(result.params[key], ref, rtol=2e-6, atol=1e-6)
+    # The same arithmetic as the core (members summed in join order, one division).
+    core = polyak.average([candidates[i] for i in result.members])
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(result.params[key], core[key])
 
 
 def test_scores_are_one_per_step_and_never_get_worse(toy):
@@ -161,6 +165,9 @@ def test_bfloat16_leaves_accumulate_in_float32_and_keep_their_dtype():
     res = soup.greedy(cands, lambda p: 1.0)
     assert res.members == [0, 1, 2, 3]
     assert res.params["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        res.params["w"].view(np.uint16), polyak.average(cands)["w"].view(np.uint16)
+    )
     ref = np.mean([c["w"].astype(np.float64) for c in cands], axis=0)
     # One rounding to bfloat16 (8 bits of mantissa) at the end, not one per addition.
     np.testing.assert_allclose(res.params["w"].astype(np.float64), ref, rtol=2**-8, atol=1e-30)
