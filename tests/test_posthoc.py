@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import polyak
+import polyak.safetensors
 from polyak import posthoc
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError
 from polyak.schedules import gamma_to_sigma_rel, power, sigma_rel_to_gamma
@@ -363,3 +364,21 @@ def test_reconstruct_bad_input(small_run, tmp_path):
     with pytest.raises(PolyakError, match="output of a merge"):
         posthoc.reconstruct(mixed, tmp_path / "b.safetensors", sigma_rel=0.08)
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_save_snapshot_records_t_and_gamma_of_a_power_averager(tmp_path):
+    ema = polyak.Averager(power(sigma_rel=0.07))
+    with pytest.raises(EmptyInputError, match="update"):
+        posthoc.save_snapshot(tmp_path / "a", ema)
+    for i in range(7):
+        ema.update({"w": np.full(3, float(i), np.float32)})
+    path = posthoc.save_snapshot(tmp_path / "a", ema)
+    assert path.name == "snapshot-0000000007.safetensors"
+    [(found, t, gamma)] = posthoc.find_snapshots(tmp_path / "a")
+    assert found == path and t == 7.0
+    assert gamma == sigma_rel_to_gamma(0.07)  # exactly: written with repr
+    np.testing.assert_array_equal(polyak.safetensors.load(path)["w"], ema.value["w"])
+    posthoc.save_snapshot(polyak.SnapshotDir(tmp_path / "b"), ema, step=70)
+    assert polyak.SnapshotDir(tmp_path / "b").steps() == [70]
+    with pytest.raises(ScheduleError, match="power"):
+        posthoc.save_snapshot(tmp_path / "c", polyak.Averager(polyak.schedules.ema(0.9)))
