@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 
 import ml_dtypes
@@ -11,6 +14,8 @@ import pytest
 import polyak
 from polyak import soup
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError, StructureError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- a toy problem: softmax regression fine-tuned from one start, plus one diverged run ----
 
@@ -249,3 +254,43 @@ def test_bad_input_names_the_candidate_and_leaf(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(PolyakError, match="nope.safetensors"):
         soup.greedy([good, missing], lambda p: 1.0)
+
+
+_MEMORY_SCRIPT = """
+import gc, os, resource, sys
+import numpy as np
+import psutil
+from polyak import safetensors as pst, soup
+
+folder, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+paths = [os.path.join(folder, f"cand{i}.safetensors") for i in range(n)]
+for p in paths:
+    pst.save({"w": rng.standard_normal(size, dtype=np.float32)}, p)
+pst.load(paths[0])  # warm up the reader's imports and buffers
+gc.collect()
+base = psutil.Process().memory_info().rss
+result = soup.greedy(paths, lambda p: float(p["w"][:4096].astype(np.float64).sum()))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(peak - base, len(result.members))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="ru_maxrss in KiB is Linux's convention")
+def test_soup_of_checkpoints_peak_memory_is_a_few_checkpoints_not_all(tmp_path):
+    pytest.importorskip("psutil")
+    n, size = 12, 4 * 2**20  # 12 checkpoints of 16 MiB
+    one = 4 * size
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path), str(n), str(size)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    assert proc.returncode == 0, proc.stderr
+    grown, members = (int(x) for x in proc.stdout.split())
+    # Running sum, trial sum, trial soup, one loaded candidate and temporaries: about four
+    # checkpoints, whatever n is; holding the candidates would take n = 12.
+    assert grown < 6 * one, f"peak grew by {grown / 2**20:.0f} MiB"
