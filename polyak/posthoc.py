@@ -118,7 +118,8 @@ def solve(
 
     Args:
         snapshots: The saved averages as ``(t, gamma)`` pairs: the step at which each was
-            saved and the exponent of its power EMA. No pair may appear twice.
+            saved and the exponent of its power EMA (> -0.5, which every ``sigma_rel`` in
+            range gives). No pair may appear twice.
         target_sigma_rel: Relative standard deviation of the wanted average's profile, in
             ``(0, 0.2887)``; a sequence gives several targets at once.
         target_t: Step at which the wanted average is taken; defaults to the largest ``t``
@@ -138,7 +139,7 @@ def solve(
             to zero or are not finite).
 
     Example:
-        >>> from polyak.schedules import power, sigma_rel_to_gamma
+        >>> from polyak.schedules import sigma_rel_to_gamma
         >>> snaps = [(t, sigma_rel_to_gamma(s)) for t in (500, 1000) for s in (0.05, 0.10)]
         >>> c = solve(snaps, 0.10)
         >>> np.round(c, 6) + 0.0  # the last snapshot is exactly the target
@@ -212,6 +213,11 @@ def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarr
                 f"snapshots[{i}] must be a (t, gamma) pair, got {pair!r}"
             ) from None
         t_f, g_f = _check_t_gamma(t, gamma, f"snapshots[{i}] t", f"snapshots[{i}] gamma")
+        if g_f <= -0.5:
+            # The profile tau**gamma is then not square-integrable at 0: no least squares.
+            raise ScheduleError(
+                f"snapshots[{i}] gamma must be > -0.5 for a least-squares fit, got gamma={gamma!r}"
+            )
         if (t_f, g_f) in seen:
             raise ScheduleError(
                 f"snapshots[{i}] (t={t_f:g}, gamma={g_f:g}) repeats snapshots[{seen[t_f, g_f]}]; "

@@ -186,6 +186,8 @@ def test_solve_bad_input_names_what_is_wrong():
         posthoc.solve([(10, 1.0), (20, float("nan"))], 0.08)
     with pytest.raises(ScheduleError, match=r"snapshots\[0\]"):
         posthoc.solve([(10, 1.0, 3)], 0.08)
+    with pytest.raises(ScheduleError, match=r"snapshots\[1\] gamma must be > -0.5"):
+        posthoc.solve([(10, 1.0), (20, -0.6)], 0.08)
     with pytest.raises(ScheduleError, match=r"snapshots\[2\].*snapshots\[0\]"):
         posthoc.solve([(10, 1.0), (20, 1.0), (10.0, 1.0)], 0.08)
     with pytest.raises(ScheduleError, match="target_t"):
