@@ -11,7 +11,9 @@ Example:
     array([2., 2., 2.])
 """
 
-from polyak import schedules
+import importlib
+
+from polyak import posthoc, schedules, soup
 from polyak._average import average, weights
 from polyak._errors import (
     DtypeError,
@@ -36,6 +38,8 @@ __all__ = [
     "SnapshotDir",
     "schedules",
     "Schedule",
+    "posthoc",
+    "soup",
     "PolyakError",
     "EmptyInputError",
     "StructureError",
@@ -47,15 +51,20 @@ __all__ = [
 ]
 
 
+# Adapters load on first use (``polyak.safetensors.merge``, ``polyak.keras``), so that
+# ``import polyak`` imports no framework and no file-format code.
+_LAZY_MODULES = ("safetensors", "keras", "cli")
+
+
 def __getattr__(name: str):
-    # SnapshotDir reads and writes safetensors files: load that adapter only when asked for,
-    # so that ``import polyak`` stays light.
     if name == "SnapshotDir":
         from polyak._snapshots import SnapshotDir
 
         return SnapshotDir
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"polyak.{name}")
     raise AttributeError(f"module 'polyak' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"SnapshotDir"})
+    return sorted(set(globals()) | {"SnapshotDir", *_LAZY_MODULES})
