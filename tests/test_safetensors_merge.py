@@ -154,6 +154,30 @@ def test_metadata_kept_with_polyak_record(tmp_path):
     assert report.bytes_read == 3 * 16
 
 
+def test_merge_many_per_output_metadata(tmp_path):
+    paths, _ = _write_run(
+        str(tmp_path), 2, lambda i: {"w": np.full(4, float(i), np.float32)},
+        metadata={"format": "pt", "step": "first"},
+    )  # fmt: skip
+    outs = [str(tmp_path / "own.safetensors"), str(tmp_path / "kept"), str(tmp_path / "d")]
+    pst.merge_many(
+        paths, outs, [[1, 1], [0, 1], [1, 0]],
+        metadata=[{"format": "pt", "mine": "yes"}, None, {"format": "np", "x": "y"}],
+    )  # fmt: skip
+    read = [safetensors_numpy.safe_open(f, "np").metadata() for f in (
+        outs[0], os.path.join(outs[1], "model.safetensors"),
+        os.path.join(outs[2], "model.safetensors"),
+    )]  # fmt: skip
+    assert {k: v for k, v in read[0].items() if k != "polyak"} == {"format": "pt", "mine": "yes"}
+    assert {k: v for k, v in read[1].items() if k != "polyak"} == {"format": "pt", "step": "first"}
+    assert {k: v for k, v in read[2].items() if k != "polyak"} == {"format": "np", "x": "y"}
+    assert [json.loads(m["polyak"])["weights"] for m in read] == [[0.5, 0.5], [0, 1], [1, 0]]
+    with pytest.raises(polyak.PolyakError, match="one entry per output"):
+        pst.merge_many(paths, outs[:2], [[1, 1], [1, 0]], metadata=[None])
+    with pytest.raises(polyak.PolyakError, match="strings to strings"):
+        pst.merge_many(paths, outs[:1], [[1, 1]], metadata=[{"step": 3}])
+
+
 def _sharded_run(folder, n, rng):
     """n sharded checkpoints written with the official library, HF layout."""
     paths, trees = [], []

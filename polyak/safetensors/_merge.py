@@ -8,7 +8,7 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +254,8 @@ class _Job:
         accumulate_dtype: Any,
         threads: int | None,
         chunk_elements: int | None,
+        schedules: Sequence[Schedule | None] | None = None,
+        metadata: Sequence[Mapping[str, str] | None] | None = None,
     ) -> None:
         if isinstance(inputs, (str, os.PathLike)):
             raise PolyakError(
@@ -289,6 +291,48 @@ class _Job:
             accumulate_dtype=accumulate_dtype,
         )
         self._check_outputs()
+        self.metadata = [
+            self._metadata(w, sched, base)
+            for w, sched, base in zip(
+                self.weights,
+                self.per_output(schedules, "schedules"),
+                self.per_output(metadata, "metadata"),
+                strict=True,
+            )
+        ]
+
+    def per_output(self, values: Sequence[Any] | None, name: str) -> list[Any]:
+        """``values`` checked to give one entry per output (None: None for every output)."""
+        if values is None:
+            return [None] * len(self.outputs)
+        if isinstance(values, (str, Mapping)) or len(values) != len(self.outputs):
+            raise PolyakError(
+                f"{name} must give one entry per output ({len(self.outputs)}), got {values!r:.200}"
+            )
+        return list(values)
+
+    def _metadata(
+        self, w: np.ndarray, sched: Schedule | None, base: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """An output's ``__metadata__``: ``base`` (default: the first input's) + the record."""
+        if base is None:
+            meta = dict(self.checkpoints[0].metadata or {})
+        elif isinstance(base, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in base.items()
+        ):
+            meta = dict(base)
+        else:
+            raise PolyakError(f"metadata entries must map strings to strings, got {base!r:.200}")
+        record: dict[str, Any] = {
+            "schedule": _describe(sched),
+            "weights": [float(x) for x in w],
+            "int_policy": self.int_policy,
+            "inputs": [os.path.basename(os.path.normpath(p)) for p in self.inputs],
+        }
+        if self.out_dtype is not None:
+            record["dtype"] = str(self.out_dtype)
+        meta["polyak"] = json.dumps(record, default=repr)
+        return meta
 
     def _check_outputs(self) -> None:
         protect = set()
@@ -402,6 +446,7 @@ def merge_many(
     progress: Progress = None,
     max_shard_size: int | str | None = None,
     schedules: Sequence[Schedule | None] | None = None,
+    metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
@@ -422,6 +467,9 @@ def merge_many(
         progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
         max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
         schedules: per output, the schedule recorded in the metadata (else "explicit").
+        metadata: per output, the ``__metadata__`` to write instead of the first input's
+            (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
+            is added to every output either way.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
 
     Returns:
@@ -434,6 +482,8 @@ def merge_many(
         WeightsError: bad weights (count, NaN/inf, sum <= 0 when normalizing).
         DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
         OutputError: an output would overwrite an input.
+        PolyakError: ``schedules`` or ``metadata`` does not give one entry per output, or a
+            ``metadata`` entry is not a map of strings to strings.
         OutputWriteError: the disk is full or the file too large; nothing is left behind.
 
     Example:
@@ -454,31 +504,20 @@ def merge_many(
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
             int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
-            chunk_elements=chunk_elements,
+            chunk_elements=chunk_elements, schedules=schedules, metadata=metadata,
         )  # fmt: skip
         for text in job.warnings:
             warnings.warn(text, OrderWarning, stacklevel=3)
-        if schedules is None:
-            schedules = [None] * len(job.outputs)
+        schedules = job.per_output(schedules, "schedules")
         first = job.checkpoints[0]
         writers: list[CheckpointWriter] = []
         try:
-            for out, w, sched in zip(job.outputs, job.weights, schedules, strict=True):
-                record = {
-                    "schedule": _describe(sched),
-                    "weights": [float(x) for x in w],
-                    "int_policy": int_policy,
-                    "inputs": [os.path.basename(os.path.normpath(p)) for p in job.inputs],
-                }
-                if job.out_dtype is not None:
-                    record["dtype"] = str(job.out_dtype)
-                metadata = dict(first.metadata or {})
-                metadata["polyak"] = json.dumps(record, default=repr)
+            for k, out in enumerate(job.outputs):
                 writers.append(
                     CheckpointWriter(
                         out,
                         job.entries(),
-                        metadata=metadata,
+                        metadata=job.metadata[k],
                         layout=job.layout(out, shard_bytes),
                         max_shard_size=shard_bytes,
                         index_metadata=first.index_metadata,
