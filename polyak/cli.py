@@ -206,7 +206,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         threads=args.threads, max_shard_size=args.max_shard_size,
     )  # fmt: skip
     if args.dry_run:
-        plan = _merge.plan_merge(args.inputs, [args.output], [w], normalize=False, **common)
+        plan = _merge.plan_merge(
+            args.inputs, [args.output], [w], normalize=False, schedules=[sched], **common
+        )
         _print_plan(plan, sched, args.inputs)
         return 0
     progress = args.progress if args.progress is not None else sys.stderr.isatty()

@@ -107,6 +107,9 @@ def test_dry_run_plans_without_writing(run, tmp_path):
         assert f"{w:.6f}" in line
     total = sum(v.nbytes for t in trees for v in t.values())
     assert f"to read: {cli._human(total)}" in text
+    proc = polyak_cmd("merge", *paths, "-o", out, "--schedule", "linear", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"to write: {cli._human(os.path.getsize(out))}" in text
 
 
 def test_dry_run_reports_mismatches(run, tmp_path):

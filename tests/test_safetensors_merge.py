@@ -343,6 +343,23 @@ def test_plan_merge_writes_nothing(tmp_path):
     assert plan.buffer_bytes > 0 and plan.peak_memory_estimate(0) >= plan.buffer_bytes
 
 
+def test_plan_merge_bytes_to_write_are_exact(tmp_path):
+    # Long metadata and many tensors: a per-tensor guess of the header size misses them.
+    paths, _ = _write_run(
+        str(tmp_path), 3, lambda i: {f"layer.{k}.w": np.full(7, i, np.float32) for k in range(40)},
+        metadata={"format": "pt", "config": "x" * 5000},
+    )  # fmt: skip
+    sched = schedules.ema(0.5)
+    w = [polyak.weights(sched, 3)]
+    for out, shard in [("m.safetensors", None), ("dir", None), ("dir2", "300B")]:
+        out = str(tmp_path / out)
+        plan = pst.plan_merge(paths, [out], w, max_shard_size=shard, schedules=[sched])
+        assert not os.path.exists(out)
+        report = pst.merge(paths, out, sched, max_shard_size=shard)
+        assert len(report.files) > (2 if shard else 1 if out.endswith("dir") else 0)
+        assert plan.bytes_to_write == (report.bytes_written,), out
+
+
 # -- hypothesis: random checkpoints against a float64 reference ------------------------------
 
 _names = st.text(alphabet="abcxyz._0123456789", min_size=1, max_size=8)

@@ -20,7 +20,7 @@ from polyak._errors import DtypeError, EmptyInputError, PolyakError
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._format import DTYPES
 from polyak.safetensors._reader import Checkpoint
-from polyak.safetensors._writer import CheckpointWriter
+from polyak.safetensors._writer import CheckpointWriter, output_size
 from polyak.schedules import Schedule, explicit, resolve
 
 __all__ = [
@@ -183,7 +183,7 @@ class MergePlan:
         tensors: (name, input dtype, output dtype, shape) per tensor.
         weights: one weight vector per output.
         bytes_to_read: input bytes the merge reads (inputs with weight 0 everywhere are skipped).
-        bytes_to_write: bytes written per output (headers included).
+        bytes_to_write: bytes written per output (headers, metadata and index included).
         buffer_bytes: buffer memory of all threads together.
         threads: worker threads.
         warnings: e.g. the natural-order warning.
@@ -383,6 +383,8 @@ def plan_merge(
     accumulate_dtype: Any = None,
     threads: int | None = None,
     max_shard_size: int | str | None = None,
+    schedules: Sequence[Schedule | None] | None = None,
+    metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
@@ -408,15 +410,24 @@ def plan_merge(
         >>> plan.weights, plan.bytes_to_read
         (((0.25, 0.75),), 8000)
     """
-    parse_size(max_shard_size)  # validated like merge_many does
+    shard_bytes = parse_size(max_shard_size)  # validated first, as merge_many does
     with contextlib.ExitStack() as stack:
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
             int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
-            chunk_elements=chunk_elements,
+            chunk_elements=chunk_elements, schedules=schedules, metadata=metadata,
         )  # fmt: skip
-        data = sum(p.size * p.out_dtype.itemsize for p in job.plans)
-        header = 64 * (len(job.plans) + 1)  # an upper bound of the JSON per tensor, roughly
+        sizes = tuple(
+            output_size(
+                out,
+                job.entries(),
+                metadata=job.metadata[k],
+                layout=job.layout(out, shard_bytes),
+                max_shard_size=shard_bytes,
+                index_metadata=job.checkpoints[0].index_metadata,
+            )
+            for k, out in enumerate(job.outputs)
+        )
         per_thread = _stream.buffer_bytes(
             job.plans, len(job.inputs), len(job.outputs), job.chunk_elements
         )
@@ -426,7 +437,7 @@ def plan_merge(
             tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
             weights=tuple(tuple(float(x) for x in w) for w in job.weights),
             bytes_to_read=job.bytes_to_read,
-            bytes_to_write=tuple(data + header for _ in job.outputs),
+            bytes_to_write=sizes,
             buffer_bytes=per_thread * job.threads,
             threads=job.threads,
             warnings=tuple(job.warnings),

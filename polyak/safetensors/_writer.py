@@ -30,6 +30,7 @@ __all__ = [
     "shard_names",
     "split_shards",
     "check_not_input",
+    "output_size",
 ]
 
 _HINTS = {
@@ -321,6 +322,63 @@ def _old_shards(index_path: str) -> list[str]:
     )
 
 
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shard_plan(
+    directory: str,
+    entries: Sequence[Entry],
+    layout: Sequence[tuple[str, Sequence[str]]] | None,
+    max_shard_size: int | None,
+) -> list[tuple[str, list[Entry]]]:
+    """(shard path, its entries) for a sharded output: ``layout``, else split by size."""
+    if layout is None:
+        groups = split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
+        names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
+        layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
+    by_name = {e[0]: e for e in entries}
+    return [(os.path.join(directory, n), [by_name[t] for t in ts]) for n, ts in layout]
+
+
+def _index_bytes(
+    plan: Sequence[tuple[str, Sequence[Entry]]],
+    entries: Sequence[Entry],
+    index_metadata: Mapping[str, Any] | None,
+) -> bytes:
+    total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
+    meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
+    weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
+    index = {
+        "metadata": {"total_size": total, **meta},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+
+def output_size(
+    path: str | os.PathLike[str],
+    entries: Sequence[Entry],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    layout: Sequence[tuple[str, Sequence[str]]] | None = None,
+    max_shard_size: int | None = None,
+    index_metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Bytes :class:`CheckpointWriter` with these arguments writes (headers and index included),
+    computed without touching the file system."""
+    path = os.fspath(path)
+    coded = [(name, dtype_code(dt), tuple(shape)) for name, dt, shape in entries]
+    data = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in entries)
+    if path.endswith(".safetensors"):
+        return len(encode_header(coded, metadata)[0]) + data
+    plan = _shard_plan(path, entries, layout, max_shard_size)
+    codes = {name: (code, shape) for name, code, shape in coded}
+    heads = sum(
+        len(encode_header([(e[0], *codes[e[0]]) for e in es], metadata)[0]) for _, es in plan
+    )
+    return heads + data + len(_index_bytes(plan, entries, index_metadata))
+
+
 class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
@@ -356,9 +414,8 @@ class CheckpointWriter:
         self.single = self.path.endswith(".safetensors")
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
-        self._index: tuple[str, dict[str, Any]] | None = None
+        self._index: tuple[str, bytes] | None = None
         self._stale: list[str] = []
-        by_name = {e[0]: e for e in entries}
         if self.single:
             if os.path.isdir(self.path):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
@@ -373,26 +430,13 @@ class CheckpointWriter:
                     f"output {self.path} exists and is not a directory; name a directory for a "
                     "sharded checkpoint or a '.safetensors' file"
                 )
-            if layout is None:
-                groups = (
-                    split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
-                )
-                names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
-                layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
-            plan = [(os.path.join(self.path, n), [by_name[t] for t in ts]) for n, ts in layout]
-            index_path = os.path.join(self.path, "model.safetensors.index.json")
+            plan = _shard_plan(self.path, entries, layout, max_shard_size)
+            index_path = os.path.join(self.path, _INDEX_NAME)
             for p, _ in plan:
                 check_not_input(p, protect)
             check_not_input(index_path, protect)
             os.makedirs(self.path, exist_ok=True)
-            total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
-            meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
-            weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
-            index = {
-                "metadata": {"total_size": total, **meta},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            self._index = (index_path, index)
+            self._index = (index_path, _index_bytes(plan, entries, index_metadata))
             new = {os.path.basename(p) for p, _ in plan}
             self._stale = [
                 os.path.join(self.path, f) for f in _old_shards(index_path) if f not in new
@@ -428,8 +472,7 @@ class CheckpointWriter:
             for w in self._writers:
                 w.commit()
             if self._index is not None:
-                index_path, index = self._index
-                data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+                index_path, data = self._index
                 f = AtomicFile(index_path, len(data))
                 try:
                     f.pwrite(data, 0)
