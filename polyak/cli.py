@@ -111,7 +111,34 @@ def schedule_from_args(args: argparse.Namespace) -> Any:
                 f"parameters {sorted(params)} belong to different schedules; pass --schedule"
             )
         name = implied.pop() if implied else "equal"
+    _check_schedule_params(name, params)
     return schedules.get(name, **params)
+
+
+def _check_schedule_params(name: str, params: dict[str, Any]) -> None:
+    """Name the flags when parameters do not fit the schedule (the factory's TypeError names
+    keyword arguments, which a command-line user never typed)."""
+    import inspect
+
+    from polyak import schedules
+
+    key = name.strip().lower().replace("-", "_")
+    if key == "explicit":
+        raise CliError("for explicit weights, pass --weights W1,W2,... (one per checkpoint)")
+    if key not in schedules.names():
+        return  # schedules.get names the known ones
+    flags = {k: flag for flag, (k, _, _) in _SCHEDULE_PARAMS.items()}
+    sig = inspect.signature(getattr(schedules, key))
+    takes = [p for p in sig.parameters.values() if p.name in flags]
+    wrong = sorted(flags[k] for k in params if k not in sig.parameters)
+    if wrong:
+        accepted = ", ".join(flags[p.name] for p in takes) or "no parameters"
+        raise CliError(
+            f"{', '.join(wrong)} does not apply to schedule {key!r} (it takes {accepted})"
+        )
+    missing = [flags[p.name] for p in takes if p.default is p.empty and p.name not in params]
+    if missing:
+        raise CliError(f"schedule {key!r} needs {', '.join(missing)}")
 
 
 def _is_number(text: str) -> bool:
@@ -577,10 +604,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # here, so that a closed pipe is handled below
+        return code
     except CliError as e:
         parser.error(str(e))  # exits with status 2
     except (PolyakError, OutputWriteError) as e:
+        print(f"polyak: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of our output went away (`polyak inspect ... | head`): stop quietly, and
+        # point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        # The system refused something (permissions, a path through a file): a one-line
+        # message naming the path, not a traceback.
         print(f"polyak: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -177,6 +177,57 @@ def test_merge_errors_are_one_line(run, tmp_path):
     assert polyak_cmd("merge", *paths).returncode == 2  # -o is required
 
 
+def test_schedule_parameter_errors_name_the_flags(run, tmp_path):
+    paths, _ = run
+    out = str(tmp_path / "m.safetensors")
+    for flags, message in [
+        (["--schedule", "ema"], "schedule 'ema' needs --decay"),
+        (["--schedule", "swa"], "schedule 'swa' needs --start"),
+        (
+            ["--schedule", "linear", "--decay", "0.9"],
+            "--decay does not apply to schedule 'linear'",
+        ),
+        (["--schedule", "exponential", "--last", "2"], "(it takes --alpha)"),
+        (["--schedule", "explicit"], "pass --weights"),
+    ]:
+        proc = polyak_cmd("merge", *paths, "-o", out, *flags)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert message in proc.stderr.splitlines()[-1], proc.stderr
+        assert "Traceback" not in proc.stderr and "keyword argument" not in proc.stderr
+    assert not os.path.exists(out)
+
+
+def test_output_paths_through_a_file_are_one_line_errors(run, tmp_path):
+    paths, _ = run
+    blocker = tmp_path / "blocker.safetensors"
+    blocker.write_bytes(b"not a folder")
+    for out, message in [
+        (f"{blocker}/", "exists and is not a directory"),
+        (f"{blocker}/sub", "cannot create output directory"),
+        (f"{blocker}/m.safetensors", "is not a directory"),
+    ]:
+        proc = polyak_cmd("merge", *paths, "-o", out)
+        assert proc.returncode == 1, (out, proc.stderr)
+        assert proc.stderr.startswith("polyak: error:") and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert blocker.read_bytes() == b"not a folder"
+
+
+def test_closed_stdout_pipe_is_not_a_traceback(tmp_path):
+    path = str(tmp_path / "many.safetensors")
+    pst.save({f"layer.{i}.weight": np.zeros(2, np.float32) for i in range(3000)}, path)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyak", "inspect", path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    proc.stdout.read(100)  # like `| head -c 100`: read a little, then go away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_inspect(run, tmp_path):
     paths, _ = run
     proc = polyak_cmd("inspect", paths[0])

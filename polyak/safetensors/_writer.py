@@ -53,7 +53,7 @@ def check_not_input(path: str, protect: set[tuple[int, int]]) -> None:
     """Raise OutputError when ``path`` exists and is one of the protected (input) files."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if (st.st_dev, st.st_ino) in protect:
         raise OutputError(f"output {path} is one of the inputs; refusing to overwrite it")
@@ -421,11 +421,14 @@ class CheckpointWriter:
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
             parent = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(parent):
-                raise OutputError(f"output folder {parent} does not exist")
+                problem = "is not a directory" if os.path.exists(parent) else "does not exist"
+                raise OutputError(f"output folder {parent} {problem}")
             check_not_input(self.path, protect)
             plan = [(self.path, list(entries))]
         else:
-            if os.path.exists(self.path) and not os.path.isdir(self.path):
+            # normpath drops a trailing "/", through which a file would look absent.
+            existing = os.path.normpath(self.path)
+            if os.path.exists(existing) and not os.path.isdir(existing):
                 raise OutputError(
                     f"output {self.path} exists and is not a directory; name a directory for a "
                     "sharded checkpoint or a '.safetensors' file"
@@ -435,7 +438,12 @@ class CheckpointWriter:
             for p, _ in plan:
                 check_not_input(p, protect)
             check_not_input(index_path, protect)
-            os.makedirs(self.path, exist_ok=True)
+            try:
+                os.makedirs(self.path, exist_ok=True)
+            except OSError as e:
+                raise OutputError(
+                    f"cannot create output directory {self.path}: {e.strerror}"
+                ) from None
             self._index = (index_path, _index_bytes(plan, entries, index_metadata))
             new = {os.path.basename(p) for p, _ in plan}
             self._stale = [
