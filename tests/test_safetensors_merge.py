@@ -266,6 +266,26 @@ def test_zero_weight_inputs_are_not_read(tmp_path):
     _assert_bitwise(pst.load(str(tmp_path / "m.safetensors")), trees[-1])
 
 
+@pytest.mark.parametrize("policy, reads", [("last", 1), ("first", 1), ("average", 2)])
+def test_int_tensors_read_only_the_inputs_the_policy_uses(tmp_path, policy, reads):
+    def make(i):
+        return {"w": np.full(10, i, np.float32), "ids": np.arange(1000, dtype=np.int64) * i}
+
+    paths, trees = _write_run(str(tmp_path), 4, make)
+    out = str(tmp_path / "m.safetensors")
+    w = [0.0, 1.0, 3.0, 0.0]
+    plan = pst.plan_merge(paths, [out], [w], int_policy=policy)
+    report = pst.merge(paths, out, w, int_policy=policy, threads=2)
+    assert report.bytes_read == plan.bytes_to_read == 2 * 40 + reads * 8000
+    _assert_bitwise(pst.load(out), polyak.average(trees, w, int_policy=policy))
+    # All-zero weights (normalize=False) average the ints to zeros, reading one input.
+    report = pst.merge(paths, out, [0, 0, 0, 0], int_policy="average", normalize=False)
+    assert report.bytes_read == 8000
+    _assert_bitwise(
+        pst.load(out), polyak.average(trees, [0, 0, 0, 0], int_policy="average", normalize=False)
+    )
+
+
 def test_mismatches_are_listed(tmp_path):
     a = {"a": np.ones(3, np.float32), "b": np.ones(2), "c": np.ones(1, np.float32)}
     b = {"a": np.ones(4, np.float32), "b": np.ones(2, np.float32), "d": np.ones(1)}
@@ -337,7 +357,7 @@ def test_plan_merge_writes_nothing(tmp_path):
     assert plan.weights == (tuple(polyak.weights(schedules.tail(2), 3)),)
     float_bytes = sum(v.nbytes for v in trees[0].values() if v.dtype.kind not in "iub")
     int_bytes = sum(v.nbytes for v in trees[0].values() if v.dtype.kind in "iub")
-    assert plan.bytes_to_read == 2 * float_bytes + 3 * int_bytes
+    assert plan.bytes_to_read == 2 * float_bytes + int_bytes  # ints: the newest input only
     report = pst.merge(paths, out, schedules.tail(2))
     assert report.bytes_read == plan.bytes_to_read
     assert plan.buffer_bytes > 0 and plan.peak_memory_estimate(0) >= plan.buffer_bytes

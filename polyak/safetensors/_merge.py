@@ -353,10 +353,12 @@ class _Job:
 
     @property
     def bytes_to_read(self) -> int:
-        used = [i for i in range(len(self.inputs)) if any(w[i] != 0 for w in self.weights)]
+        n = len(self.inputs)
+        used = [i for i in range(n) if any(w[i] != 0 for w in self.weights)]
+        ints = _stream.int_inputs(self.weights, n, self.int_policy)
         total = 0
         for p in self.plans:
-            count = len(used) if p.acc_dtype is not None else len(self.inputs)
+            count = len(used) if p.acc_dtype is not None else len(ints)
             total += p.size * p.dtype.itemsize * count
         return total
 
