@@ -53,7 +53,26 @@ class CliError(Exception):
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
-    """Add ``--schedule`` (or a positional SCHEDULE), its parameters and ``--weights``."""
+    """Add ``--schedule`` (or a positional SCHEDULE), its parameters and ``--weights``.
+
+    The parameter flags (``--decay``, ``--last``, ...) come from one table shared by every
+    subcommand; :func:`schedule_from_args` turns the parsed values into a schedule.
+
+    Args:
+        parser: the (sub)command parser to extend, in a group titled "schedule".
+        positional: take the schedule name as an optional positional argument (``polyak
+            weights ema``) instead of ``-s/--schedule``.
+
+    Raises:
+        argparse.ArgumentError: ``parser`` already has one of these flags.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p)
+        >>> schedule_from_args(p.parse_args(["--decay", "0.9"]))
+        ema(decay=0.9)
+    """
     group = parser.add_argument_group("schedule")
     if positional:
         group.add_argument(
@@ -88,7 +107,31 @@ def _parse_weights(text: str) -> list[float]:
 
 
 def schedule_from_args(args: argparse.Namespace) -> Any:
-    """The schedule the arguments describe (a :class:`polyak.Schedule`)."""
+    """The schedule the arguments describe (a :class:`polyak.Schedule`).
+
+    A parameter given without a schedule name picks the schedule it belongs to (``--last 3``
+    is ``tail``); comma-separated numbers in place of a name are explicit weights.
+
+    Args:
+        args: parsed arguments of a parser set up by :func:`add_schedule_arguments`.
+
+    Returns:
+        The schedule; ``equal`` when nothing is given.
+
+    Raises:
+        CliError: ``--weights`` together with a schedule, parameters of different schedules,
+            a flag the schedule does not take, or a required one missing (naming the flags).
+        ScheduleError: a parameter value out of range (from :func:`polyak.schedules.get`).
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p, positional=True)
+        >>> schedule_from_args(p.parse_args(["linear"]))
+        linear()
+        >>> schedule_from_args(p.parse_args(["--last", "3"]))
+        tail(k=3)
+    """
     from polyak import schedules
 
     params = {
@@ -597,7 +640,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``polyak`` command line; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Run the ``polyak`` command line (``polyak`` and ``python -m polyak`` call this).
+
+    Bad input and refused writes print one line, ``polyak: error: ...``, on stderr, never a
+    traceback; usage mistakes print argparse's usage line and that message.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 for an error (bad input, a failed write, a check
+        that failed), 130 when interrupted.
+
+    Raises:
+        SystemExit: status 2 for a usage error, or 0 after ``--help``/``--version``
+            (argparse's convention).
+
+    Example:
+        >>> main(["weights", "linear", "-n", "3"])
+        linear(), n=3 (oldest first):
+             0      0.166667  #############
+             1      0.333333  ###########################
+             2      0.500000  ########################################
+           sum      1.000000
+        0
+    """
     from polyak._errors import PolyakError
     from polyak.safetensors._errors import OutputWriteError
 

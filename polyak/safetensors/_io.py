@@ -163,6 +163,18 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
     """The ``__metadata__`` of a checkpoint (of its first shard), or None.
 
+    Only the header is read, with the same strict validation as :func:`load`.
+
+    Args:
+        path: a ``.safetensors`` file or a sharded checkpoint directory.
+
+    Returns:
+        A new ``{key: value}`` dict of strings, or None when the file has no metadata.
+
+    Raises:
+        CheckpointError: the path is not a checkpoint.
+        HeaderError: a header or the shard index is malformed (naming the file).
+
     Example:
         >>> import numpy as np, tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")

@@ -392,7 +392,22 @@ def plan_merge(
     """Validate a merge and describe it without writing anything.
 
     Takes the arguments of :func:`merge_many` and raises what it would raise before writing;
-    ``polyak merge --dry-run`` prints the result.
+    ``polyak merge --dry-run`` prints the result. Every input header is read and checked; no
+    tensor data is read.
+
+    Args:
+        inputs: checkpoint paths (files or sharded directories), oldest first.
+        outputs: one path per weight vector (``*.safetensors`` file or a directory).
+        weight_vectors: per output, one weight per input, oldest first.
+        normalize: divide each vector by its sum.
+        dtype: cast float tensors of the outputs (e.g. ``"bfloat16"``).
+        int_policy: integer/bool tensors, as in :func:`polyak.average`.
+        accumulate_dtype: raise the accumulation precision (``"float64"``).
+        threads: worker threads (default: the usable cores, at most 8).
+        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
+        schedules: per output, the schedule recorded in the metadata (sizes the header).
+        metadata: per output, the ``__metadata__`` to write instead of the first input's.
+        chunk_elements: elements per read-and-accumulate step (sizes the buffers).
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
