@@ -358,6 +358,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     kind = f"sharded checkpoint, {len(layout)} shards" if sharded else "safetensors file"
     print(f"{args.checkpoint}: {kind}")
+    if sharded:
+        sizes = {name: nbytes for name, _, _, nbytes, _ in rows}
+        width = max(len(f) for f, _ in layout)
+        for shard, names in layout:
+            total = _human(sum(sizes[n] for n in names))
+            print(f"  {shard:<{width}}  {len(names):>6} tensors  {total:>10}")
     wn = max([len(r[0]) for r in rows] + [6])
     ws = max([len(str(list(r[2]))) for r in rows] + [5])
     print(f"  {'tensor':<{wn}}  {'dtype':<7}  {'shape':<{ws}}  {'size':>10}")

@@ -246,6 +246,27 @@ def test_inspect(run, tmp_path):
     assert proc.returncode == 1 and "too small" in proc.stderr
 
 
+def test_inspect_sharded_directory(run, tmp_path):
+    paths, trees = run
+    out = str(tmp_path / "sharded")
+    proc = polyak_cmd("merge", *paths, "-o", out, "--max-shard-size", "2KB", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) == 3  # step + w (2400 B) exceed 2 KB, so each float tensor gets its own
+    proc = polyak_cmd("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"{out}: sharded checkpoint, 3 shards"
+    for shard in shards:
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(shard))
+        with pst.Checkpoint(os.path.join(out, shard)) as ck:
+            assert f"{len(ck)} tensors" in line and cli._human(ck.nbytes) in line
+    assert "3 tensors, 641 elements" in proc.stdout
+    assert '"inputs": ["epoch_1.safetensors"' in proc.stdout  # the merge record is shown
+    js = json.loads(polyak_cmd("inspect", out, "--json").stdout)
+    assert js["shards"] == shards
+    assert {t["name"] for t in js["tensors"]} == set(trees[0])
+
+
 def test_weights_table():
     proc = polyak_cmd("weights", "linear", "-n", "4")
     assert proc.returncode == 0, proc.stderr
