@@ -90,6 +90,44 @@ def test_merge_progress_bar_when_forced(run, tmp_path):
     proc = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--progress")
     assert proc.returncode == 0, proc.stderr
     assert "merge" in proc.stderr and "100%" in proc.stderr
+    # Not a terminal (captured here): no bar, and nothing else on stderr either.
+    proc = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m2.safetensors"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_merge_progress_bar_by_default_on_a_terminal(run, tmp_path):
+    pty = pytest.importorskip("pty")
+    paths, _ = run
+    import fcntl
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    # A fresh pseudo-terminal is 0 columns wide, in which tqdm draws nothing.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "polyak", "merge", *paths, "-o", str(tmp_path / "m.st")],
+            stderr=follower, stdout=subprocess.PIPE, env=env, timeout=120,
+        )  # fmt: skip
+        os.close(follower)
+        follower = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"100%" in err, err
 
 
 def test_dry_run_plans_without_writing(run, tmp_path):
