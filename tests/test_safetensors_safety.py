@@ -219,3 +219,25 @@ def test_disk_full_mid_write_cleans_up(tmp_path, monkeypatch):
         pst.merge(paths, out, threads=2)
     assert err.value.errno == errno.ENOSPC
     assert sorted(os.listdir(tmp_path)) == ["in_0.safetensors", "in_1.safetensors"]
+
+
+def test_merge_many_failing_late_on_one_output_leaves_none(tmp_path, monkeypatch):
+    """A full disk reported by the last output's fsync: the outputs before it must not stay."""
+    import errno
+
+    from polyak.safetensors import _writer
+
+    paths = _inputs(str(tmp_path), 2, 10_000)
+    outs = [str(tmp_path / f"out_{k}.safetensors") for k in range(3)]
+    real_sync = _writer.SafetensorsWriter.sync
+
+    def sync(self):
+        if self.path.endswith("out_2.safetensors"):
+            self.abort()
+            raise _writer._write_error(self.path, OSError(errno.ENOSPC, "No space left"))
+        return real_sync(self)
+
+    monkeypatch.setattr(_writer.SafetensorsWriter, "sync", sync)
+    with pytest.raises(pst.OutputWriteError, match="out_2.*disk is full"):
+        pst.merge_many(paths, outs, [[1, 0], [0, 1], [1, 1]])
+    assert sorted(os.listdir(tmp_path)) == ["in_0.safetensors", "in_1.safetensors"]

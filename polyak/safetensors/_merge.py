@@ -481,7 +481,8 @@ def merge_many(
 
     Each input slice is read once and folded into one accumulator per output, so K outputs
     cost one read of the inputs (post-hoc EMA builds several averages of the same snapshots).
-    Every output is written atomically; if anything fails, none of them appears.
+    Every output is written atomically, and all are flushed to disk before the first is
+    renamed: if anything fails short of the renames themselves, none of them appears.
 
     Args:
         inputs: checkpoint paths (files or sharded directories), oldest first.
@@ -564,6 +565,10 @@ def merge_many(
                     progress=tick,
                     labels=job.inputs,
                 )
+            # Every output on disk before any is renamed: a full disk found by the last fsync
+            # must not leave the first outputs behind.
+            for wr in writers:
+                wr.sync()
             for wr in writers:
                 wr.commit()
         except BaseException:

@@ -471,12 +471,20 @@ class CheckpointWriter:
     def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
         self._route[name].write(name, elem_start, array)
 
+    def sync(self) -> None:
+        """Flush every shard to disk (a late full disk fails here); removes all on failure."""
+        try:
+            for w in self._writers:
+                w.sync()
+        except BaseException:
+            self.abort()
+            raise
+
     def commit(self) -> None:
         """Make every shard (and then the index) appear under its final name."""
         try:
             # Sync everything before renaming anything, so a failure leaves no new shard.
-            for w in self._writers:
-                w.sync()
+            self.sync()
             for w in self._writers:
                 w.commit()
             if self._index is not None:
