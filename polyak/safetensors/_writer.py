@@ -416,6 +416,7 @@ class CheckpointWriter:
         self._route: dict[str, SafetensorsWriter] = {}
         self._index: tuple[str, bytes] | None = None
         self._stale: list[str] = []
+        self._created: str | None = None  # the output folder, when this writer made it
         if self.single:
             if os.path.isdir(self.path):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
@@ -439,7 +440,9 @@ class CheckpointWriter:
                 check_not_input(p, protect)
             check_not_input(index_path, protect)
             try:
-                os.makedirs(self.path, exist_ok=True)
+                if not os.path.isdir(self.path):
+                    os.makedirs(self.path)
+                    self._created = self.path
             except OSError as e:
                 raise OutputError(
                     f"cannot create output directory {self.path}: {e.strerror}"
@@ -499,6 +502,7 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
+        self._created = None  # the folder now holds the checkpoint: keep it
         # Shards of the checkpoint this one replaced, which the new index no longer names
         # (as Hugging Face's save_pretrained cleans up): left behind, they would be mistaken
         # for part of the new checkpoint.
@@ -509,5 +513,12 @@ class CheckpointWriter:
                 pass
 
     def abort(self) -> None:
+        """Remove everything written so far, and the output folder if this writer made it."""
         for w in self._writers:
             w.abort()
+        if self._created is not None:
+            try:
+                os.rmdir(self._created)  # only if still empty: it never removes anything else
+            except OSError:
+                pass
+            self._created = None
