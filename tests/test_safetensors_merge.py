@@ -331,6 +331,10 @@ def test_bad_arguments(tmp_path):
         pst.merge(paths, out, [1, -1])
     with pytest.raises(polyak.PolyakError, match="max_shard_size"):
         pst.merge(paths, str(tmp_path / "d"), max_shard_size="5 parsecs")
+    with pytest.raises(polyak.PolyakError, match="applies to a directory output"):
+        pst.merge(paths, out, max_shard_size="1GB")
+    with pytest.raises(polyak.PolyakError, match="applies to a directory output"):
+        pst.plan_merge(paths, [out], [[1, 1]], max_shard_size=100)
     with pytest.raises(OutputError, match="does not exist"):
         pst.merge(paths, str(tmp_path / "no" / "such" / "m.safetensors"))
     with pytest.raises(polyak.PolyakError, match="threads"):

@@ -115,6 +115,19 @@ def parse_size(size: int | str | None) -> int | None:
     return value
 
 
+def _shard_size(max_shard_size: int | str | None, outputs: Sequence[Path]) -> int | None:
+    """``max_shard_size`` in bytes, refused when no output is a directory (it would be
+    silently ignored: a ``.safetensors`` output is always one file)."""
+    size = parse_size(max_shard_size)
+    if size is not None and all(os.fspath(o).endswith(".safetensors") for o in outputs):
+        raise PolyakError(
+            f"max_shard_size={max_shard_size!r} applies to a directory output, but "
+            f"{', '.join(os.fspath(o) for o in outputs)} is a single .safetensors file; name a "
+            "directory to get a sharded checkpoint"
+        )
+    return size
+
+
 def _natural_key(name: str) -> list[Any]:
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
@@ -427,7 +440,7 @@ def plan_merge(
         >>> plan.weights, plan.bytes_to_read
         (((0.25, 0.75),), 8000)
     """
-    shard_bytes = parse_size(max_shard_size)  # validated first, as merge_many does
+    shard_bytes = _shard_size(max_shard_size, outputs)  # validated first, as merge_many does
     with contextlib.ExitStack() as stack:
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
@@ -494,7 +507,8 @@ def merge_many(
         accumulate_dtype: raise the accumulation precision (``"float64"``).
         threads: worker threads (default: the usable cores, at most 8).
         progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
-        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
+        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes); an
+            error when every output is a ``.safetensors`` file.
         schedules: per output, the schedule recorded in the metadata (else "explicit").
         metadata: per output, the ``__metadata__`` to write instead of the first input's
             (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
@@ -528,7 +542,7 @@ def merge_many(
         [2.0, 1.0]
     """
     t0 = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = _shard_size(max_shard_size, outputs)
     with contextlib.ExitStack() as stack:
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
@@ -649,7 +663,8 @@ def merge(
         int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
         threads: worker threads (default: the usable cores, at most 8).
         progress: ``True`` for a tqdm progress bar by bytes, or a callable ``(done, total)``.
-        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``.
+        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
+            for a directory ``output`` only.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
 
     Returns:
