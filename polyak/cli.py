@@ -216,7 +216,16 @@ def _weights_table(
 
 
 # -- merge ------------------------------------------------------------------------------------
+_MERGE_EXAMPLES = """examples:
+  polyak merge run/epoch_*.safetensors -o avg.safetensors
+  polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule ema --decay 0.9 --dtype bf16
+  polyak merge a.safetensors b.safetensors -o avg.safetensors --weights 1,3 --dry-run
+"""
+
+
 def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.epilog = _MERGE_EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "inputs",
         nargs="+",
@@ -231,20 +240,37 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
         help="output: a .safetensors file, or a directory for a sharded checkpoint",
     )
     add_schedule_arguments(p)
-    p.add_argument("--dtype", default=None, help="cast float tensors of the output, e.g. bf16")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
+        "(default: keep each tensor's dtype)",
+    )
     p.add_argument(
         "--int-policy",
         default="last",
         choices=["last", "first", "average", "error"],
         help="integer/bool tensors: take the last (default), first, average, or fail",
     )
-    p.add_argument("--accumulate-dtype", default=None, help="e.g. float64 for extra precision")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
+    p.add_argument(
+        "--accumulate-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="accumulate in this dtype, e.g. float64 (default: float32, float64 for float64)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker threads (default: the usable cores, at most 8)",
+    )
     p.add_argument(
         "--max-shard-size",
         default=None,
         metavar="SIZE",
-        help="largest output shard, e.g. 5GB or 2GiB (directory output)",
+        help="for a directory OUT: largest shard, e.g. 5GB (10**9 bytes) or 2GiB "
+        "(default: the first input's shard layout)",
     )
     p.add_argument(
         "--dry-run",
@@ -259,7 +285,9 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
         default=None,
         help="show a progress bar (default: when stderr is a terminal)",
     )
-    prog.add_argument("--no-progress", dest="progress", action="store_false")
+    prog.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -547,7 +575,9 @@ def _add_posthoc(p: argparse.ArgumentParser) -> None:
         default=None,
         help="show a progress bar (default: when stderr is a terminal)",
     )
-    prog.add_argument("--no-progress", dest="progress", action="store_false")
+    prog.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
 
 
 def cmd_posthoc(args: argparse.Namespace) -> int:

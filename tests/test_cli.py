@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -264,6 +265,21 @@ def test_closed_stdout_pipe_is_not_a_traceback(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) != 0
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_help_documents_every_option_and_its_examples_parse():
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    merge_help = subs.choices["merge"].format_help()
+    examples = [ln.strip() for ln in merge_help.split("examples:")[1].splitlines() if ln.strip()]
+    assert examples
+    for line in examples:
+        argv = line.split()[1:]  # without "polyak"
+        args = parser.parse_args(argv)
+        cli.schedule_from_args(args)  # the schedule flags fit together
 
 
 def test_inspect(run, tmp_path):
