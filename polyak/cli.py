@@ -295,6 +295,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     sched = schedule_from_args(args)
     n = len(args.inputs)
+    if sched.name == "explicit" and len(sched.params["weights"]) != n:
+        raise CliError(
+            f"--weights gives {len(sched.params['weights'])} weights for {n} checkpoints; "
+            "give one per checkpoint, oldest first"
+        )
     w = sched.weights(n, normalize=args.normalize)
     problem = _merge.natural_order_problem(args.inputs)
     if problem:

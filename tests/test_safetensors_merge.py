@@ -325,8 +325,10 @@ def test_bad_arguments(tmp_path):
         pst.merge([], out)
     with pytest.raises(polyak.PolyakError, match="sequence of checkpoint paths"):
         pst.merge(paths[0], out)
-    with pytest.raises(polyak.WeightsError, match="3 weights but 2"):
+    with pytest.raises(polyak.WeightsError, match="3 weights but 2 checkpoints"):
         pst.merge(paths, out, [1, 2, 3])
+    with pytest.raises(polyak.WeightsError, match="weight vector 1 has 1 weights but 2 check"):
+        pst.merge_many(paths, [out, str(tmp_path / "n.safetensors")], [[1, 2], [1]])
     with pytest.raises(polyak.WeightsError):
         pst.merge(paths, out, [1, -1])
     with pytest.raises(polyak.PolyakError, match="max_shard_size"):

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from polyak import _kernel, _stream
-from polyak._errors import DtypeError, EmptyInputError, PolyakError
+from polyak._errors import DtypeError, EmptyInputError, PolyakError, WeightsError
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._format import DTYPES
 from polyak.safetensors._reader import Checkpoint
@@ -290,11 +290,15 @@ class _Job:
         self.chunk_elements = chunk_elements or _stream.CHUNK_ELEMENTS
         n = len(self.inputs)
         self.weights = []
-        for w in weight_vectors:
+        for k, w in enumerate(weight_vectors):
+            w = np.asarray(w, np.float64)
+            if w.shape != (n,):
+                raise WeightsError(
+                    f"weight vector {k} has {w.size} weights but {n} checkpoints were given "
+                    "(one weight per input, oldest first)"
+                )
             # One code path for validation and normalisation: the same one polyak.average uses.
-            self.weights.append(
-                explicit(list(np.asarray(w, np.float64))).weights(n, normalize=normalize)
-            )
+            self.weights.append(explicit(list(w)).weights(n, normalize=normalize))
         self.checkpoints = [stack.enter_context(Checkpoint(p)) for p in self.inputs]
         self.plans = _stream.plan(
             self.checkpoints,
@@ -700,6 +704,11 @@ def merge(
     if n == 0:
         raise EmptyInputError("no checkpoints to merge: inputs is empty")
     sched = resolve(schedule)
+    if sched.name == "explicit" and len(sched.params["weights"]) != n:
+        raise WeightsError(
+            f"{len(sched.params['weights'])} weights but {n} checkpoints were given "
+            "(one weight per input, oldest first)"
+        )
     w = sched.weights(n, normalize=normalize)
     (report,) = merge_many(
         inputs,
