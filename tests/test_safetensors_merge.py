@@ -341,6 +341,9 @@ def test_bad_arguments(tmp_path):
         pst.merge(paths, str(tmp_path / "no" / "such" / "m.safetensors"))
     with pytest.raises(polyak.PolyakError, match="threads"):
         pst.merge(paths, out, threads=0)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(polyak.PolyakError, match="chunk_elements must be an int >= 1"):
+            pst.merge_many(paths, [out], [[1, 1]], chunk_elements=bad)
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "d")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 import time
@@ -287,7 +288,16 @@ class _Job:
         self.threads = _default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise PolyakError(f"threads must be >= 1, got threads={threads!r}")
-        self.chunk_elements = chunk_elements or _stream.CHUNK_ELEMENTS
+        self.chunk_elements = _stream.CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        if (
+            isinstance(self.chunk_elements, bool)
+            or not isinstance(self.chunk_elements, numbers.Integral)
+            or (self.chunk_elements < 1)
+        ):
+            # 0 or less would silently mean one element per step: a merge 10**5 times slower.
+            raise PolyakError(
+                f"chunk_elements must be an int >= 1, got chunk_elements={chunk_elements!r}"
+            )
         n = len(self.inputs)
         self.weights = []
         for k, w in enumerate(weight_vectors):
