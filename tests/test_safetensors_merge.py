@@ -341,6 +341,12 @@ def test_bad_arguments(tmp_path):
         pst.merge(paths, str(tmp_path / "no" / "such" / "m.safetensors"))
     with pytest.raises(polyak.PolyakError, match="threads"):
         pst.merge(paths, out, threads=0)
+    two = [out, str(tmp_path / "n.safetensors")]
+    for call in (pst.merge_many, pst.plan_merge):
+        with pytest.raises(polyak.WeightsError, match="1 weight vectors for 2 outputs"):
+            call(paths, two, [[1, 1]])
+        with pytest.raises(OutputError, match="no outputs"):
+            call(paths, [], [])
     for bad in (0, -5, 2.5):
         with pytest.raises(polyak.PolyakError, match="chunk_elements must be an int >= 1"):
             pst.merge_many(paths, [out], [[1, 1]], chunk_elements=bad)

@@ -279,6 +279,13 @@ class _Job:
         self.outputs = [os.fspath(p) for p in outputs]
         if not self.inputs:
             raise EmptyInputError("no checkpoints to merge: inputs is empty")
+        if not self.outputs:
+            raise OutputError("no outputs given: pass one output path per weight vector")
+        if len(weight_vectors) != len(self.outputs):
+            raise WeightsError(
+                f"{len(weight_vectors)} weight vectors for {len(self.outputs)} outputs; give one "
+                "weight vector per output"
+            )
         if len(set(map(os.path.abspath, self.outputs))) != len(self.outputs):
             raise OutputError(f"the same output path is given twice: {self.outputs}")
         self.warnings = [w for w in [natural_order_problem(self.inputs)] if w]
