@@ -529,7 +529,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 + (" (bit for bit identical)" if same else "")
             )
         print(f"\ndone: {len(demo)} merges, max error {worst:.3g}")
-        return 0 if worst == 0.0 else 1
+        if worst != 0.0:
+            print(
+                f"polyak: error: a streamed merge differs from polyak.average by {worst:.3g}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
     finally:
         if own:
             shutil.rmtree(folder, ignore_errors=True)

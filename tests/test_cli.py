@@ -352,6 +352,20 @@ def test_demo_generates_merges_and_checks(tmp_path):
     assert again.returncode == 0 and "using 3 checkpoints" in again.stdout
 
 
+def test_demo_fails_loudly_when_a_merge_differs(tmp_path, monkeypatch, capsys):
+    real = polyak.average
+
+    def off_by_one_ulp(trees, schedule=None, **kwargs):
+        out = real(trees, schedule, **kwargs)
+        out["encoder.bias"] = np.nextafter(out["encoder.bias"], np.float32(np.inf))
+        return out
+
+    monkeypatch.setattr(polyak, "average", off_by_one_ulp)
+    assert cli.main(["demo", "--dir", str(tmp_path), "-n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("polyak: error: a streamed merge differs from polyak.average"), err
+
+
 def test_demo_without_dir_cleans_up():
     proc = polyak_cmd("demo", "-n", "2")
     assert proc.returncode == 0, proc.stderr
