@@ -193,6 +193,17 @@ def test_sharded_directory_from_hf_layout(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": evil}))
     with pytest.raises(HeaderError, match="plain"):
         pst.load(str(tmp_path))
+    # A tensor in two shards: the index maps it to one, so the other shard is refused, and
+    # no descriptor of the shards opened so far stays open.
+    safetensors_numpy.save_file(
+        {**parts[1], "a": parts[0]["a"]}, str(tmp_path / names[1]), metadata={"format": "pt"}
+    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(HeaderError, match=f"{names[1]}: tensor 'a' is not mapped to this shard"):
+        pst.load(str(tmp_path))
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_missing_and_non_checkpoint_paths(tmp_path):
