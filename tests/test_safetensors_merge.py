@@ -132,6 +132,8 @@ def test_dtype_cast_and_accumulate_dtype(tmp_path):
             assert got[k].dtype == e.dtype and got[k].tobytes() == e.tobytes(), k
     pst.merge(paths, out, "linear", accumulate_dtype="float64")
     _assert_bitwise(pst.load(out), polyak.average(trees, "linear", accumulate_dtype="float64"))
+    pst.merge(paths, out, "linear", accumulate_dtype="fp64")  # the names --dtype takes
+    _assert_bitwise(pst.load(out), polyak.average(trees, "linear", accumulate_dtype="float64"))
     with pytest.raises(polyak.DtypeError, match="int8"):
         pst.merge(paths, out, dtype="int8")
 
@@ -347,6 +349,9 @@ def test_bad_arguments(tmp_path):
             call(paths, two, [[1, 1]])
         with pytest.raises(OutputError, match="no outputs"):
             call(paths, [], [])
+    for bad in ("complex64", np.complex128, "bf16", "int8", "nonsense"):
+        with pytest.raises(polyak.DtypeError, match="accumulate_dtype=.* cannot be used"):
+            pst.merge(paths, out, accumulate_dtype=bad)
     for bad in (0, -5, 2.5):
         with pytest.raises(polyak.PolyakError, match="chunk_elements must be an int >= 1"):
             pst.merge_many(paths, [out], [[1, 1]], chunk_elements=bad)

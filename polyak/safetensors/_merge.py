@@ -86,6 +86,30 @@ def parse_dtype(dtype: Any) -> np.dtype | None:
     return found
 
 
+def _parse_accumulate_dtype(dtype: Any) -> np.dtype | None:
+    """The accumulation dtype named by ``dtype`` ("float64", "fp64", np.float64...).
+
+    Only numpy's own floats: a complex accumulator would drop its imaginary part at the end
+    (with a ComplexWarning), and bf16/fp8 cannot raise float32's precision.
+    """
+    if dtype is None:
+        return None
+    found: np.dtype | None
+    if isinstance(dtype, str):
+        found = _DTYPE_NAMES.get(dtype.strip().lower())
+    else:
+        try:
+            found = np.dtype(dtype)
+        except TypeError:
+            found = None
+    if found is None or found.kind != "f":
+        raise DtypeError(
+            f"accumulate_dtype={dtype!r} cannot be used: give float64 (or fp64, double) to "
+            "accumulate in float64; float32 is already the least polyak accumulates in"
+        )
+    return found
+
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -290,6 +314,7 @@ class _Job:
             raise OutputError(f"the same output path is given twice: {self.outputs}")
         self.warnings = [w for w in [natural_order_problem(self.inputs)] if w]
         self.out_dtype = parse_dtype(dtype)
+        accumulate_dtype = _parse_accumulate_dtype(accumulate_dtype)
         _kernel.check_int_policy(int_policy)
         self.int_policy = int_policy
         self.threads = _default_threads() if threads is None else int(threads)
