@@ -341,8 +341,9 @@ def test_bad_arguments(tmp_path):
         pst.plan_merge(paths, [out], [[1, 1]], max_shard_size=100)
     with pytest.raises(OutputError, match="does not exist"):
         pst.merge(paths, str(tmp_path / "no" / "such" / "m.safetensors"))
-    with pytest.raises(polyak.PolyakError, match="threads"):
-        pst.merge(paths, out, threads=0)
+    for bad in (0, 2.5, "x", True):
+        with pytest.raises(polyak.PolyakError, match="threads must be an int >= 1"):
+            pst.merge(paths, out, threads=bad)
     two = [out, str(tmp_path / "n.safetensors")]
     for call in (pst.merge_many, pst.plan_merge):
         with pytest.raises(polyak.WeightsError, match="1 weight vectors for 2 outputs"):

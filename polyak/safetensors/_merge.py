@@ -317,9 +317,12 @@ class _Job:
         accumulate_dtype = _parse_accumulate_dtype(accumulate_dtype)
         _kernel.check_int_policy(int_policy)
         self.int_policy = int_policy
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
+        ):
+            # int() would crash on "x" with a bare ValueError and quietly turn 2.5 into 2.
+            raise PolyakError(f"threads must be an int >= 1, got threads={threads!r}")
         self.threads = _default_threads() if threads is None else int(threads)
-        if self.threads < 1:
-            raise PolyakError(f"threads must be >= 1, got threads={threads!r}")
         self.chunk_elements = _stream.CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
         if (
             isinstance(self.chunk_elements, bool)
