@@ -305,6 +305,7 @@ class _Job:
             raise EmptyInputError("no checkpoints to merge: inputs is empty")
         if not self.outputs:
             raise OutputError("no outputs given: pass one output path per weight vector")
+        weight_vectors = list(weight_vectors)
         if len(weight_vectors) != len(self.outputs):
             raise WeightsError(
                 f"{len(weight_vectors)} weight vectors for {len(self.outputs)} outputs; give one "
