@@ -232,6 +232,11 @@ def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarr
 # Metadata keys of a post-hoc snapshot: the averaging time t and the exponent gamma.
 T_KEY = "polyak.t"
 GAMMA_KEY = "polyak.gamma"
+# Metadata keys of a reconstructed average: the profile it was fitted to. Distinct from the
+# snapshot keys, so that a reconstruction is never mistaken for a snapshot.
+TARGET_SIGMA_REL_KEY = "polyak.posthoc.sigma_rel"
+TARGET_GAMMA_KEY = "polyak.posthoc.gamma"
+TARGET_T_KEY = "polyak.posthoc.t"
 
 
 def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
@@ -345,8 +350,9 @@ def find_snapshots(
     for path in paths:
         meta = st.read_metadata(path) or {}
         if "polyak" in meta:
-            # A merge output (it carries the merge record) copies the first input's
-            # metadata, t and gamma included, which do not describe its own profile.
+            # A merge output (it carries the merge record) may carry its first input's t and
+            # gamma (a plain merge keeps the first input's metadata), which do not describe
+            # its own profile.
             raise PolyakError(
                 f"{path} is the output of a merge, not a post-hoc snapshot; keep merged or "
                 "reconstructed files out of the snapshot directories"
@@ -381,8 +387,11 @@ def reconstruct(
 
     Reads ``t`` and ``gamma`` from every snapshot's metadata (see :func:`snapshot_metadata`),
     computes the coefficients with :func:`solve`, and runs the streaming safetensors merge
-    with ``normalize=False``. Several ``sigma_rel`` values are written in one pass over the
-    snapshot files (:func:`polyak.safetensors.merge_many`); each output appears atomically.
+    with ``normalize=False``. Each output's metadata records its target
+    (``"polyak.posthoc.sigma_rel"``, ``"polyak.posthoc.gamma"``, ``"polyak.posthoc.t"``) in
+    place of the snapshots' ``t``, ``gamma`` and step. Several ``sigma_rel`` values are
+    written in one pass over the snapshot files (:func:`polyak.safetensors.merge_many`); each
+    output appears atomically.
 
     Args:
         snapshot_dir: Where the snapshots are (see :func:`find_snapshots`).
@@ -423,6 +432,7 @@ def reconstruct(
         91.8
     """
     from polyak import safetensors as st
+    from polyak._snapshots import _STEP_KEY
 
     single = isinstance(sigma_rel, numbers.Real)
     outputs = [output] if single else output
@@ -435,6 +445,24 @@ def reconstruct(
     found = find_snapshots(snapshot_dir)
     coef = solve([(t_i, g_i) for _, t_i, g_i in found], sigma_rel, t)
     columns = coef[:, None] if single else coef
+    sigmas = [float(sigma_rel)] if single else [float(s) for s in sigma_rel]  # type: ignore[union-attr]
+    t_target = float(t) if t is not None else max(t_i for _, t_i, _ in found)
+    # Each output describes its own profile: the first snapshot's metadata without the keys
+    # that describe that snapshot (its t, gamma and step), plus the target's.
+    base = {
+        k: v
+        for k, v in (st.read_metadata(found[0][0]) or {}).items()
+        if k not in (T_KEY, GAMMA_KEY, _STEP_KEY)
+    }
+    metadata = [
+        {
+            **base,
+            TARGET_SIGMA_REL_KEY: repr(s),
+            TARGET_GAMMA_KEY: repr(float(sigma_rel_to_gamma(s))),
+            TARGET_T_KEY: repr(t_target),
+        }
+        for s in sigmas
+    ]
     with warnings.catch_warnings():
         # Snapshots from several directories share file names; with explicit coefficients
         # their order does not matter, so the merge's natural-order warning is noise here.
@@ -448,6 +476,7 @@ def reconstruct(
             accumulate_dtype=accumulate_dtype,
             threads=threads,
             progress=progress,
-            schedules=[power(sigma_rel=s) for s in ([sigma_rel] if single else sigma_rel)],
+            schedules=[power(sigma_rel=s) for s in sigmas],
+            metadata=metadata,
         )
     return coef

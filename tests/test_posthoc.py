@@ -332,6 +332,29 @@ def test_several_sigma_rel_are_written_in_one_pass(small_run, tmp_path, monkeypa
     assert record["schedule"]["params"]["sigma_rel"] == 0.08
 
 
+def test_reconstructed_files_record_their_target_not_a_snapshot(small_run, tmp_path):
+    from polyak import safetensors as pst
+    from polyak.schedules import sigma_rel_to_gamma
+
+    snaps, _ = small_run
+    found = posthoc.find_snapshots(snaps)
+    first = pst.read_metadata(found[0][0])
+    assert {posthoc.T_KEY, posthoc.GAMMA_KEY, "polyak.step"} <= first.keys()
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    posthoc.reconstruct(snaps, outs, sigma_rel=[0.05, 0.08], t=150)
+    for out, s in zip(outs, (0.05, 0.08), strict=True):
+        meta = pst.read_metadata(out)
+        assert posthoc.T_KEY not in meta and posthoc.GAMMA_KEY not in meta
+        assert "polyak.step" not in meta
+        assert float(meta["polyak.posthoc.sigma_rel"]) == s
+        assert float(meta["polyak.posthoc.gamma"]) == sigma_rel_to_gamma(s)
+        assert float(meta["polyak.posthoc.t"]) == 150.0
+        assert json.loads(meta["polyak"])["schedule"]["params"]["sigma_rel"] == s
+    # Without t, the target is the last snapshot's.
+    posthoc.reconstruct(snaps, outs[0], sigma_rel=0.05)
+    assert float(pst.read_metadata(outs[0])["polyak.posthoc.t"]) == max(t for _, t, _ in found)
+
+
 def test_reconstruct_bad_input(small_run, tmp_path):
     from polyak import safetensors as pst
 
