@@ -118,11 +118,19 @@ def first(x: Any, int_policy: str, path: str) -> Any:
     return namespace(x).astype(x, dtype, copy=True)
 
 
-def _array_type(x: Any) -> str:
-    name = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+def _placement(x: Any) -> Any:
+    """What must stay the same from snapshot to snapshot: the array type, and for torch the
+    device. Any torch tensor counts as one type: a frozen ``nn.Parameter`` (not detached,
+    as it needs no grad) and the plain tensor its average is kept in must match."""
     if _is_torch(x):
-        name += f" on {x.device}"
-    return name
+        return ("torch", x.device)
+    return type(x)
+
+
+def _array_type(x: Any) -> str:
+    if _is_torch(x):
+        return f"torch.Tensor on {x.device}"
+    return f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
 
 
 def check(acc: Any, x: Any, first_dtype: Any, path: Callable[[], str]) -> None:
@@ -144,7 +152,7 @@ def check(acc: Any, x: Any, first_dtype: Any, path: Callable[[], str]) -> None:
         )
     # Converting to another library or device at every step would copy the parameters off
     # their device, which online averaging exists to avoid: a change is an error.
-    if _array_type(x) != _array_type(acc):
+    if _placement(x) != _placement(acc):
         raise DtypeError(
             f"{path()}: a {_array_type(x)}, but the average is kept as a {_array_type(acc)} "
             "(like the first snapshot); pass every snapshot as the same array type and device"

@@ -231,6 +231,24 @@ def test_torch_state_dict_then_named_parameters_match_by_path():
     torch.testing.assert_close(avg.value["weight"], model.weight.detach())
 
 
+def test_torch_frozen_parameters_are_averaged():
+    # A frozen nn.Parameter (requires_grad=False, as in fine-tuning) is not detached, so it
+    # reaches the averager as a Parameter while its average is a plain tensor.
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    avg = polyak.Averager("equal")
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.bias.add_(2.0)
+        avg.update(dict(model.named_parameters()))
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for k, v in avg.value.items():
+        torch.testing.assert_close(v, torch.stack([s[k] for s in seen]).mean(0))
+
+
 def test_half_precision_accumulates_in_float32():
     # 2000 snapshots of 1.0 after one 0.0: the equal average is 2000/2001 ~ 0.9995, whose
     # increments (1/t)*(1 - avg) quickly drop below half a bf16 ulp. Folding in bf16 stalls
