@@ -176,7 +176,7 @@ def fold(acc: Any, x: Any, decay: float, int_policy: str, workspace: dict[Any, A
         elif acc.device.type == "cpu":
             _fold_torch_cpu_cast(acc, x, weight, workspace)
         else:
-            acc.mul_(decay).add_(x, alpha=weight)  # GPU kernels cast x as they read it
+            _fold_torch_device_cast(acc, x, decay, weight)
         return acc
     xp = namespace(acc)
     if decay == 0.0:
@@ -236,6 +236,15 @@ def _fold_torch_cpu_cast(acc: Any, x: Any, weight: float, workspace: dict[Any, A
         s = scratch[: a.numel()]
         s.copy_(flat_x[start : start + chunk])
         a.lerp_(s, weight)
+
+
+def _fold_torch_device_cast(acc: Any, x: Any, decay: float, weight: float) -> None:
+    # Accelerator kernels cast a mixed-dtype operand as they read it, so no temporary; but
+    # torch refuses to promote float8 with anything ("Promotion for Float8 Types is not
+    # supported"), so float8 snapshots are cast to the accumulator's dtype first.
+    if x.dtype.is_floating_point and x.dtype.itemsize == 1:
+        x = x.to(acc.dtype)
+    acc.mul_(decay).add_(x, alpha=weight)
 
 
 def _fold_int(acc: Any, x: Any, int_policy: str) -> Any:

@@ -249,6 +249,39 @@ def test_torch_frozen_parameters_are_averaged():
         torch.testing.assert_close(v, torch.stack([s[k] for s in seen]).mean(0))
 
 
+def test_torch_float8_fold_on_accelerators():
+    # Accelerators (acc not on the CPU) take _fold_torch_device_cast; its code is device
+    # agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
+    # make every float8 update on a GPU fail.
+    torch = pytest.importorskip("torch")
+    from polyak import _online_leaves
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
+        x = torch.tensor([0.5, -1.0, 2.0, 0.25]).to(dtype)
+        acc = torch.tensor([1.0, 1.0, -3.0, 0.0])
+        expected = 0.75 * acc.double() + 0.25 * x.double()
+        _online_leaves._fold_torch_device_cast(acc, x, 0.75, 0.25)
+        assert acc.dtype == torch.float32
+        torch.testing.assert_close(acc.double(), expected)
+    # int leaves averaged with int_policy="average" (a float64 accumulator)
+    acc = torch.zeros(3, dtype=torch.float64)
+    _online_leaves._fold_torch_device_cast(acc, torch.tensor([1, 2, 3]), 0.5, 0.5)
+    torch.testing.assert_close(acc, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
+
+
+def test_torch_float8_leaves_average_on_cpu():
+    torch = pytest.importorskip("torch")
+    snaps = [torch.tensor([0.5 * i, -float(i)]).to(torch.float8_e4m3fn) for i in range(1, 5)]
+    avg = polyak.Averager("linear")
+    for x in snaps:
+        avg.update([x])
+    got = avg.value[0]
+    assert got.dtype == torch.float8_e4m3fn
+    as64 = [s.double().numpy() for s in snaps]
+    expected = torch.from_numpy(_reference(as64, S.linear())).to(torch.float8_e4m3fn)
+    assert torch.equal(got.float(), expected.float())
+
+
 def test_half_precision_accumulates_in_float32():
     # 2000 snapshots of 1.0 after one 0.0: the equal average is 2000/2001 ~ 0.9995, whose
     # increments (1/t)*(1 - avg) quickly drop below half a bf16 ulp. Folding in bf16 stalls
