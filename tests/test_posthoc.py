@@ -158,6 +158,24 @@ def test_solve_is_the_least_squares_fit_of_the_profiles():
     np.testing.assert_allclose(posthoc.solve(snaps, 0.08), ref, rtol=1e-4, atol=1e-6)
 
 
+def test_solve_nearly_equal_snapshots_give_bounded_coefficients():
+    # Two snapshots whose profiles differ by 1e-9 in gamma make the Gram matrix numerically
+    # singular (cond ~1e16). The fit must stay the least-squares one (checked on a grid, as
+    # above) without coefficients of +-1e4 that would amplify the merge's rounding.
+    g = sigma_rel_to_gamma(0.10)
+    snaps = [(1000, g), (1000, g + 1e-9), (500, g), (500, sigma_rel_to_gamma(0.05))]
+    coef = posthoc.solve(snaps, 0.08)
+    assert np.max(np.abs(coef)) < 10.0
+    assert math.isclose(coef.sum(), 1.0, rel_tol=1e-12)
+    tau = np.linspace(0.0, 1000.0, 200_001)[1:]
+    design = np.stack([posthoc.profile(t, gg, tau) for t, gg in snaps], axis=1)
+    target = posthoc.profile(1000.0, sigma_rel_to_gamma(0.08), tau)
+    best = np.linalg.lstsq(design[:, [0, 2, 3]], target, rcond=None)[0]
+    best /= best.sum()
+    residual = np.linalg.norm(design @ coef - target)
+    assert residual <= 1.0001 * np.linalg.norm(design[:, [0, 2, 3]] @ best - target)
+
+
 def test_reconstructed_discrete_weights_are_close_to_the_target_schedule():
     # The discrete power average at step n weighs x_k by the profile's mass on [k-1, k], so
     # the combination of the stored averages' weight vectors must approach the target's.
