@@ -554,6 +554,18 @@ def test_shape_mismatch_names_the_leaf_and_changes_nothing():
     np.testing.assert_array_equal(after["enc"][0], before["enc"][0])
 
 
+def test_shape_mismatch_in_reordered_containers_names_the_right_leaf():
+    from collections import OrderedDict
+
+    avg = polyak.Averager()
+    avg.update(OrderedDict([("b", np.zeros(2)), ("a", np.zeros(3))]))
+    with pytest.raises(ShapeError, match=r"params\['b'\]: shape \(5,\) != \(2,\)"):
+        avg.update({"a": np.zeros(3), "b": np.zeros(5)})
+    with pytest.raises(ShapeError, match=r"params\['a'\]: shape \(4,\) != \(3,\)"):
+        avg.update(OrderedDict([("b", np.zeros(2)), ("a", np.zeros(4))]))
+    assert avg.count == 1
+
+
 def test_dtype_kind_and_library_changes_are_errors():
     torch = pytest.importorskip("torch")
     avg = polyak.Averager()
