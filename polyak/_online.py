@@ -397,6 +397,16 @@ class Averager:
             PolyakError: a key is missing or malformed, or the schedule or int policy differ
                 from this averager's (resuming with other ones would not continue the same
                 average).
+
+        Example:
+            >>> import numpy as np, polyak
+            >>> avg = polyak.Averager("linear")
+            >>> avg.update({"w": np.zeros(2)}); avg.update({"w": np.ones(2)})
+            >>> resumed = polyak.Averager("linear")
+            >>> resumed.load_state_dict(avg.state_dict())
+            >>> resumed.update({"w": np.full(2, 4.0)})
+            >>> resumed.count, resumed.value["w"]
+            (3, array([2.33333333, 2.33333333]))
         """
         if not isinstance(state_dict, Mapping):
             raise PolyakError(f"state_dict must be a dict, got {type(state_dict).__name__}")
@@ -492,6 +502,16 @@ class Averager:
             PolyakError: the file was not written by :meth:`save` or its metadata is
                 malformed (naming the file and the key).
             CheckpointError: the path is not a safetensors file.
+
+        Example:
+            >>> import numpy as np, os, tempfile, polyak
+            >>> path = os.path.join(tempfile.mkdtemp(), "ema.safetensors")
+            >>> avg = polyak.Averager(polyak.schedules.ema(0.5))
+            >>> avg.update({"w": np.zeros(2)}); avg.save(path)
+            >>> resumed = polyak.Averager.load(path)
+            >>> resumed.update({"w": np.full(2, 4.0)})
+            >>> resumed.schedule.name, resumed.count, resumed.value["w"]
+            ('ema', 2, array([2., 2.]))
         """
         from polyak import safetensors as st
 

@@ -133,6 +133,10 @@ class SnapshotDir:
     def paths(self) -> list[Path]:
         """The snapshot files, oldest first (by step, not by file name).
 
+        Returns:
+            The paths of the ``snapshot-<step>.safetensors`` files; ``[]`` when the directory
+            does not exist yet.
+
         Example:
             >>> import tempfile, polyak
             >>> polyak.SnapshotDir(tempfile.mkdtemp()).paths()
@@ -141,7 +145,19 @@ class SnapshotDir:
         return [path for _, path in self._entries()]
 
     def steps(self) -> list[int]:
-        """The saved steps, in increasing order."""
+        """The saved steps, in increasing order.
+
+        Returns:
+            The steps of :meth:`paths`, as ints.
+
+        Example:
+            >>> import numpy as np, tempfile, polyak
+            >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp())
+            >>> for step in (100, 20):
+            ...     _ = snaps.save({"w": np.zeros(1)}, step)
+            >>> snaps.steps(), len(snaps)
+            ([20, 100], 2)
+        """
         return [step for step, _ in self._entries()]
 
     def __len__(self) -> int:
@@ -150,8 +166,21 @@ class SnapshotDir:
     def metadata(self, step: int) -> dict[str, str]:
         """The metadata stored with the snapshot of ``step`` (with ``"polyak.step"``).
 
+        Args:
+            step: A saved step.
+
+        Returns:
+            The file's string-to-string ``__metadata__``.
+
         Raises:
-            PolyakError: no snapshot of that step.
+            PolyakError: ``step`` is not an int >= 0, or no snapshot of that step.
+
+        Example:
+            >>> import numpy as np, tempfile, polyak
+            >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp())
+            >>> _ = snaps.save({"w": np.zeros(1)}, 7, metadata={"epoch": "3"})
+            >>> snaps.metadata(7)
+            {'epoch': '3', 'polyak.step': '7'}
         """
         from polyak import safetensors as st
 

@@ -331,6 +331,19 @@ def find_snapshots(
     Raises:
         EmptyInputError: no snapshot file was found.
         PolyakError: a snapshot's metadata lacks ``t``/``gamma`` (the file is named).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> root = tempfile.mkdtemp()
+        >>> for s in (0.05, 0.10):
+        ...     ema = polyak.Averager(polyak.schedules.power(sigma_rel=s))
+        ...     snaps = polyak.SnapshotDir(os.path.join(root, f"sigma-{s}"))
+        ...     for step in range(1, 21):
+        ...         ema.update({"w": np.full(2, float(step), np.float32)})
+        ...         if step % 10 == 0:
+        ...             _ = polyak.posthoc.save_snapshot(snaps, ema, step)
+        >>> [(t, round(g, 2)) for _, t, g in polyak.posthoc.find_snapshots(root)]
+        [(10.0, 6.94), (10.0, 16.97), (20.0, 6.94), (20.0, 16.97)]
     """
     from polyak import safetensors as st
     from polyak._snapshots import SnapshotDir

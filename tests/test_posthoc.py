@@ -402,3 +402,11 @@ def test_save_snapshot_records_t_and_gamma_of_a_power_averager(tmp_path):
     assert polyak.SnapshotDir(tmp_path / "b").steps() == [70]
     with pytest.raises(ScheduleError, match="power"):
         posthoc.save_snapshot(tmp_path / "c", polyak.Averager(polyak.schedules.ema(0.9)))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(posthoc, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -297,3 +297,11 @@ def test_soup_of_checkpoints_peak_memory_is_a_few_checkpoints_not_all(tmp_path):
     # Running sum, trial sum, trial soup, one loaded candidate and temporaries: about four
     # checkpoints, whatever n is; holding the candidates would take n = 12.
     assert grown < 6 * one, f"peak grew by {grown / 2**20:.0f} MiB"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(soup, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
