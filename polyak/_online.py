@@ -528,11 +528,17 @@ class Averager:
             count = int(meta["polyak.count"])
             int_policy = meta["polyak.int_policy"]
             schedule = _schedules.from_spec(spec["name"], spec["params"])
+            # (inside the try: a bad schedule or int policy is a PolyakError, a ValueError)
+            averager = cls(schedule, int_policy=int_policy)
         except (KeyError, TypeError, ValueError) as err:
             raise PolyakError(f"{shown}: malformed Averager metadata: {err!r}") from None
-        averager = cls(schedule, int_policy=int_policy)
+        if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
+            raise PolyakError(
+                f"{shown}: malformed Averager metadata: polyak.dtypes must map tensor names to "
+                f"dtype names, got {dtypes!r:.200}"
+            )
         tensors = st.load(path)
-        if not isinstance(dtypes, dict) or set(tensors) != set(dtypes) or count < 1:
+        if set(tensors) != set(dtypes) or count < 1:
             raise PolyakError(
                 f"{shown}: the metadata names {sorted(dtypes)} with count {count}, but the "
                 f"file holds the tensors {sorted(tensors)}"

@@ -491,6 +491,32 @@ def test_save_is_readable_by_the_official_reader(tmp_path):
     np.testing.assert_array_equal(tensors["w"], np.full(3, 3.0, np.float32))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("polyak.dtypes", "5", "polyak.dtypes must map tensor names"),
+        ("polyak.dtypes", '["float64"]', "polyak.dtypes must map tensor names"),
+        ("polyak.int_policy", "median", "int_policy"),
+        ("polyak.schedule", '{"name": "ema", "params": {"decay": 2.0}}', "decay"),
+        ("polyak.count", "two", "polyak.count|two"),
+    ],
+)
+def test_load_names_the_file_for_malformed_metadata(tmp_path, key, value, message):
+    from polyak.safetensors import read_metadata
+
+    avg = polyak.Averager(S.ema(0.9))
+    avg.update({"w": np.ones(2)})
+    good = tmp_path / "good.safetensors"
+    avg.save(good)
+    meta = dict(read_metadata(good))
+    meta[key] = value
+    bad = tmp_path / "bad.safetensors"
+    polyak.safetensors.save({"w": np.ones(2)}, bad, meta)
+    with pytest.raises(PolyakError, match=message) as info:
+        polyak.Averager.load(bad)
+    assert "bad.safetensors" in str(info.value)
+
+
 def test_load_rejects_other_files_and_other_schedules(tmp_path):
     polyak.safetensors.save({"w": np.ones(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(PolyakError, match="not an Averager state"):
