@@ -127,6 +127,9 @@ def _greedy(
     :class:`_Layout`; adapters (Keras model files) supply their own.
     """
     _kernel.check_int_policy(int_policy)
+    # Checked now, not when the soup is first summed: by then every candidate has been
+    # evaluated, and torch/JAX leaves would not check it at all.
+    _kernel.accumulator_dtype(np.float32, accumulate_dtype)
     better = _comparator(higher_is_better)
 
     # Pass 1: each candidate alone; also checks that all of them match the first.

@@ -237,6 +237,25 @@ def test_checkpoint_paths_are_loaded_one_at_a_time(tmp_path, toy, monkeypatch):
     assert max(peak) <= 2  # one loaded checkpoint's two tensors at a time
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("bad", ["foo", "int32"])
+def test_bad_accumulate_dtype_is_refused_before_any_evaluation(library, bad):
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        cands = [{"w": torch.ones(2) * i} for i in range(3)]
+    else:
+        cands = [{"w": np.ones(2) * i} for i in range(3)]
+    calls = []
+
+    def score(p):
+        calls.append(p)
+        return 1.0
+
+    with pytest.raises(DtypeError, match="accumulate_dtype"):
+        soup.greedy(cands, score, accumulate_dtype=bad)
+    assert calls == []
+
+
 def test_bad_input_names_the_candidate_and_leaf(tmp_path):
     good = {"a": np.zeros(3), "b": {"c": np.ones(2)}}
     with pytest.raises(EmptyInputError, match="candidates"):
