@@ -7,7 +7,8 @@ Three paths, picked by the accumulator's type:
   allocates nothing after the first;
 * torch (CPU or GPU): updated in place with one fused ``lerp_`` on the tensor's device; when
   the average is wider than the snapshot (float32 for bf16), the snapshot is cast chunk by
-  chunk through a small scratch buffer on CPU, and as it is read by the kernel on GPUs;
+  chunk through a small scratch buffer on CPU, and as it is read by the kernel on GPUs
+  (except float8, which torch does not promote: it is cast into a temporary first);
 * any other array-API library (JAX, CuPy): new arrays each update, as JAX arrays are
   immutable.
 
