@@ -204,7 +204,8 @@ class SnapshotDir:
                 including schedules with no online form, such as ``tail(k)``.
             output: Where to write the average as a safetensors file, merged tensor by
                 tensor (streaming) so that memory stays bounded; ``None`` averages in memory
-                and returns the result.
+                and returns the result, loading only the snapshots the schedule gives a
+                weight (and the oldest and newest, for the int policy).
             int_policy: For int/bool tensors, as in :func:`polyak.average`.
 
         Returns:
@@ -231,9 +232,19 @@ class SnapshotDir:
             raise EmptyInputError(f"{str(self._path)!r} holds no snapshot to average")
         if output is not None:
             return _merge(paths, output, schedule, int_policy)
-        from polyak._average import average
+        from polyak._average import average, weights
 
-        return average([st.load(p) for p in paths], schedule, int_policy=int_policy)
+        # polyak.average never reads a weight-0 snapshot's data but checks its structure,
+        # shapes and dtypes: give it those from the file header, as zero-memory broadcast
+        # views, so that tail(k) over a long run loads k files, not all of them. The first
+        # and the newest are loaded whatever their weight (the "first"/"last" int policies).
+        w = weights(schedule, len(paths))
+        last = len(paths) - 1
+        trees = [
+            st.load(path) if w[i] != 0 or i in (0, last) else _header_only(path)
+            for i, path in enumerate(paths)
+        ]
+        return average(trees, schedule, int_policy=int_policy)
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"
@@ -244,6 +255,20 @@ def _merge(paths: list[Path], output: Any, schedule: Any, int_policy: str) -> Pa
 
     st.merge(paths, output, schedule, int_policy=int_policy)
     return Path(output)
+
+
+def _header_only(path: Path) -> dict[str, Any]:
+    """The tensors of ``path`` with their dtypes and shapes but no data (read-only views of
+    one zero), for snapshots whose data an average does not read."""
+    import numpy as np
+
+    from polyak import safetensors as st
+
+    with st.Checkpoint(path) as ck:
+        return {
+            name: np.broadcast_to(np.zeros((), dtype), shape)
+            for name, (dtype, shape) in ((name, ck.info(name)) for name in ck.keys())
+        }
 
 
 def _check_step(step: Any) -> int:
