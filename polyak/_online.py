@@ -172,7 +172,7 @@ def value(state: OnlineState) -> Any:
     """
     if state.count == 0 or state.average is None:
         raise EmptyInputError("no snapshot has been averaged yet: call update(params) first")
-    accs, _, spec = flatten(state.average)
+    accs, spec = optree.tree_flatten(state.average)
     return spec.unflatten([_leaves.read(acc, d) for acc, d in zip(accs, state.dtypes)])
 
 
