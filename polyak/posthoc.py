@@ -43,7 +43,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,22 @@ def solve(
         array([0., 0., 0., 1.])
     """
     t_in, g_in = _check_snapshots(snapshots)
-    single = isinstance(target_sigma_rel, numbers.Real)
-    sigmas = [target_sigma_rel] if single else list(target_sigma_rel)  # type: ignore[list-item]
+    single = isinstance(target_sigma_rel, numbers.Real) or (
+        isinstance(target_sigma_rel, np.ndarray) and target_sigma_rel.ndim == 0
+    )
+    if isinstance(target_sigma_rel, (str, bytes)) or (
+        not single and not isinstance(target_sigma_rel, Iterable)
+    ):
+        raise ScheduleError(
+            "target_sigma_rel must be a number or a sequence of numbers, got "
+            f"target_sigma_rel={target_sigma_rel!r:.100}"
+        )
+    if isinstance(target_sigma_rel, numbers.Real):
+        sigmas = [target_sigma_rel]
+    elif single:  # a 0-d array
+        sigmas = [float(target_sigma_rel)]  # type: ignore[arg-type]
+    else:
+        sigmas = list(target_sigma_rel)  # type: ignore[arg-type]
     if not sigmas:
         raise EmptyInputError("target_sigma_rel is an empty sequence: give at least one value")
     g_out = np.array(

@@ -144,6 +144,16 @@ def test_solve_shapes_and_columns_sum_to_one():
     assert posthoc.solve(snaps, (0.08,)).shape == (len(snaps), 1)
 
 
+def test_solve_target_sigma_rel_types():
+    snaps = _snapshots(every=500)
+    one = posthoc.solve(snaps, 0.08)
+    np.testing.assert_array_equal(posthoc.solve(snaps, np.array(0.08)), one)
+    np.testing.assert_array_equal(posthoc.solve(snaps, np.array([0.08]))[:, 0], one)
+    for bad in (None, "0.08", b"0.08", object()):
+        with pytest.raises(ScheduleError, match="target_sigma_rel must be a number"):
+            posthoc.solve(snaps, bad)
+
+
 def test_solve_is_the_least_squares_fit_of_the_profiles():
     # Independent reference: discretize the profiles on a fine grid and solve the
     # least-squares problem with lstsq, then normalize as solve does.
