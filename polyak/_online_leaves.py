@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from polyak import _kernel
-from polyak._arrays import detach, namespace
+from polyak._arrays import detach, namespace, widest_float
 from polyak._errors import DtypeError, ShapeError
 
 __all__ = [
@@ -88,7 +88,7 @@ def _acc_dtype(x: Any, leaf_kind: str, int_policy: str) -> Any:
     else:
         lib = namespace(x)
     if leaf_kind == "int":
-        return lib.float64 if int_policy == "average" else x.dtype
+        return widest_float(lib) if int_policy == "average" else x.dtype
     if leaf_kind == "complex":
         return lib.complex128 if x.dtype == lib.complex128 else lib.complex64
     return lib.float64 if x.dtype == lib.float64 else lib.float32

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -193,6 +194,23 @@ def test_online_equals_offline_jax(schedule, n, dtype, seed):
     assert type(got) is type(snaps[0]["w"]) and got.dtype == snaps[0]["w"].dtype
     as64 = [np.asarray(s["w"], dtype=np.float64) for s in snaps]
     _close(np.asarray(got, dtype=np.float64), _reference(as64, schedule), as64, dtype)
+
+
+def test_jax_int_average_without_x64_warns_nothing():
+    # Without jax_enable_x64 a float64 request is truncated to float32 with a UserWarning at
+    # every update; the accumulator is float32 from the start instead, as in polyak.average.
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("JAX runs with x64 enabled")
+    jnp = jax.numpy
+    avg = polyak.Averager("equal", int_policy="average")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in (1, 2, 4):
+            avg.update({"n": jnp.asarray([i, 10 * i], dtype=jnp.int32)})
+        got = avg.value["n"]
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), [2, 23])
 
 
 def test_torch_requires_grad_params_in_place():

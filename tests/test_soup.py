@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 import weakref
 
 import ml_dtypes
@@ -197,6 +198,20 @@ def test_torch_candidates_stay_torch():
     members_ref = np.mean([cands[i]["w"].detach().double().numpy() for i in res.members], axis=0)
     np.testing.assert_allclose(res.params["w"].numpy(), members_ref, rtol=1e-6, atol=1e-7)
     assert int(res.params["n"]) == res.members[0]
+
+
+def test_jax_candidates_without_x64_warn_nothing():
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("JAX runs with x64 enabled")
+    jnp = jax.numpy
+    cands = [{"w": jnp.asarray([1.0 * i, 2.0]), "n": jnp.asarray(i)} for i in (1, 2, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = soup.greedy(cands, lambda p: 1.0, int_policy="average", accumulate_dtype="float64")
+    assert res.members == [0, 1, 2]
+    np.testing.assert_allclose(np.asarray(res.params["w"]), [3.0, 2.0])
+    assert int(res.params["n"]) == 3 and res.params["n"].dtype == cands[0]["n"].dtype
 
 
 def test_checkpoint_paths_are_loaded_one_at_a_time(tmp_path, toy, monkeypatch):
