@@ -56,12 +56,14 @@ class SnapshotDir:
     """
 
     def __init__(self, path: str | os.PathLike[str], keep: int | None = None) -> None:
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and (
+            isinstance(keep, bool) or not hasattr(keep, "__index__") or int(keep) < 1
+        ):
             raise PolyakError(f"keep must be a positive int or None, got keep={keep!r}")
         self._path = Path(path)
         if self._path.exists() and not self._path.is_dir():
             raise PolyakError(f"SnapshotDir path {str(self._path)!r} is a file, not a directory")
-        self._keep = keep
+        self._keep = None if keep is None else int(keep)  # numpy ints too, as for steps
 
     @property
     def path(self) -> Path:

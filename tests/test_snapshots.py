@@ -179,6 +179,10 @@ def test_torch_state_dict_round_trip(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(PolyakError, match="keep must be a positive int"):
         polyak.SnapshotDir(tmp_path, keep=0)
+    for bad in (1.5, True, np.int64(0), "3"):
+        with pytest.raises(PolyakError, match="keep must be a positive int"):
+            polyak.SnapshotDir(tmp_path, keep=bad)
+    assert polyak.SnapshotDir(tmp_path, keep=np.int64(3)).keep == 3  # as steps accept them
     (tmp_path / "file").write_text("x")
     with pytest.raises(PolyakError, match="is a file"):
         polyak.SnapshotDir(tmp_path / "file")
