@@ -34,6 +34,8 @@ import tempfile
 import matplotlib
 
 matplotlib.use("Agg")  # draw to a file, also where there is no display
+# Any Keras 3 backend works; JAX is the one polyak's test extra installs.
+os.environ.setdefault("KERAS_BACKEND", "jax")
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from sklearn.datasets import make_blobs  # noqa: E402
