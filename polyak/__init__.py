@@ -23,6 +23,7 @@ from polyak._errors import (
     StructureError,
     WeightsError,
 )
+from polyak._online import Averager
 from polyak.schedules import Schedule
 
 __version__ = "0.1.0"
@@ -31,6 +32,8 @@ __all__ = [
     "__version__",
     "average",
     "weights",
+    "Averager",
+    "SnapshotDir",
     "schedules",
     "Schedule",
     "PolyakError",
@@ -42,3 +45,13 @@ __all__ = [
     "ScheduleError",
     "NoOnlineFormError",
 ]
+
+
+def __getattr__(name: str):
+    # SnapshotDir reads and writes safetensors files: load that adapter only when asked for,
+    # so that ``import polyak`` stays light.
+    if name == "SnapshotDir":
+        from polyak._snapshots import SnapshotDir
+
+        return SnapshotDir
+    raise AttributeError(f"module 'polyak' has no attribute {name!r}")

@@ -1,0 +1,223 @@
+"""``SnapshotDir``: keep the last snapshots of a run on disk, choose the weighting later.
+
+Each snapshot is its own safetensors file, ``snapshot-<step>.safetensors`` with the step
+zero-padded in the name and recorded in the metadata, written atomically by
+:func:`polyak.safetensors.save`. Any schedule can then average them, including those with no
+online form such as ``tail(k)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from polyak._errors import EmptyInputError, PolyakError
+
+__all__ = ["SnapshotDir"]
+
+_PREFIX = "snapshot-"
+_SUFFIX = ".safetensors"
+_DIGITS = 10  # steps up to 10**10 - 1 sort by name too; larger ones still sort by step
+_NAME = re.compile(rf"^{_PREFIX}(\d+){re.escape(_SUFFIX)}$")
+_STEP_KEY = "polyak.step"
+
+
+class SnapshotDir:
+    """A directory of parameter snapshots, one safetensors file per saved step.
+
+    The "save the last 10 epochs, decide the weighting later" workflow::
+
+        snaps = polyak.SnapshotDir("runs/snaps", keep=10)
+        for epoch in range(epochs):
+            train_one_epoch(model)
+            snaps.save(model.state_dict(), step=epoch)
+        averaged = snaps.average(polyak.schedules.tail(5))
+
+    Args:
+        path: The directory; created on the first :meth:`save`.
+        keep: Keep only the newest ``keep`` snapshots (by step), deleting older ones after
+            each save; ``None`` keeps all.
+
+    Raises:
+        PolyakError: ``keep`` is not a positive int or ``None``, or ``path`` is a file.
+
+    Example:
+        >>> import numpy as np, tempfile, polyak
+        >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp(), keep=2)
+        >>> for step in range(3):
+        ...     snaps.save({"w": np.full(2, float(step))}, step)
+        >>> snaps.steps()
+        [1, 2]
+        >>> snaps.average("equal")["w"]
+        array([1.5, 1.5])
+    """
+
+    def __init__(self, path: str | os.PathLike[str], keep: int | None = None) -> None:
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+            raise PolyakError(f"keep must be a positive int or None, got keep={keep!r}")
+        self._path = Path(path)
+        if self._path.exists() and not self._path.is_dir():
+            raise PolyakError(f"SnapshotDir path {str(self._path)!r} is a file, not a directory")
+        self._keep = keep
+
+    @property
+    def path(self) -> Path:
+        """The directory."""
+        return self._path
+
+    @property
+    def keep(self) -> int | None:
+        """How many snapshots are kept (``None``: all)."""
+        return self._keep
+
+    def save(self, params: Any, step: int, *, metadata: Mapping[str, str] | None = None) -> Path:
+        """Write ``params`` as the snapshot of ``step``, atomically, then prune to ``keep``.
+
+        Saving a step again replaces its file. Tensor names are those of
+        :func:`polyak.safetensors.save` (nested keys joined by ``"."``), so a torch
+        ``state_dict()`` keeps its keys.
+
+        Args:
+            params: A pytree of arrays (numpy, torch, JAX...).
+            step: The training step or epoch, an int >= 0; it orders the snapshots.
+            metadata: Extra string-to-string metadata to store with the snapshot (e.g. the
+                ``t`` and ``gamma`` of a power EMA); ``"polyak.step"`` is reserved.
+
+        Returns:
+            The path of the snapshot file.
+
+        Raises:
+            PolyakError: ``step`` is not an int >= 0, or ``metadata`` is not a map of
+                strings to strings or uses the reserved key.
+            OutputWriteError: the file system refused the write; nothing is left behind.
+        """
+        from polyak import safetensors as st
+
+        step = _check_step(step)
+        meta = {}
+        if metadata is not None:
+            if not isinstance(metadata, Mapping):
+                raise PolyakError(f"metadata must be a dict of strings, got {metadata!r:.100}")
+            for key, value in metadata.items():
+                if not isinstance(key, str) or not isinstance(value, str):
+                    raise PolyakError(
+                        f"metadata must map strings to strings; got {key!r}: {value!r:.100} "
+                        "(format numbers with str())"
+                    )
+            if _STEP_KEY in metadata:
+                raise PolyakError(f"metadata key {_STEP_KEY!r} is reserved for the step")
+            meta.update(metadata)
+        meta[_STEP_KEY] = str(step)
+        self._path.mkdir(parents=True, exist_ok=True)
+        target = self._path / f"{_PREFIX}{step:0{_DIGITS}d}{_SUFFIX}"
+        st.save(params, target, meta)
+        if self._keep is not None:
+            for old in self.paths()[: -self._keep]:
+                old.unlink(missing_ok=True)
+        return target
+
+    def _entries(self) -> list[tuple[int, Path]]:
+        if not self._path.is_dir():
+            return []
+        entries = []
+        for entry in os.scandir(self._path):
+            match = _NAME.match(entry.name)
+            if match and entry.is_file():
+                entries.append((int(match.group(1)), Path(entry.path)))
+        entries.sort()
+        return entries
+
+    def paths(self) -> list[Path]:
+        """The snapshot files, oldest first (by step, not by file name).
+
+        Example:
+            >>> import tempfile, polyak
+            >>> polyak.SnapshotDir(tempfile.mkdtemp()).paths()
+            []
+        """
+        return [path for _, path in self._entries()]
+
+    def steps(self) -> list[int]:
+        """The saved steps, in increasing order."""
+        return [step for step, _ in self._entries()]
+
+    def __len__(self) -> int:
+        return len(self._entries())
+
+    def metadata(self, step: int) -> dict[str, str]:
+        """The metadata stored with the snapshot of ``step`` (with ``"polyak.step"``).
+
+        Raises:
+            PolyakError: no snapshot of that step.
+        """
+        from polyak import safetensors as st
+
+        step = _check_step(step)
+        for s, path in self._entries():
+            if s == step:
+                return dict(st.read_metadata(path) or {})
+        raise PolyakError(f"{str(self._path)!r} has no snapshot of step {step}")
+
+    def average(
+        self,
+        schedule: Any = None,
+        output: str | os.PathLike[str] | None = None,
+        *,
+        int_policy: str = "last",
+    ) -> Any:
+        """Average the stored snapshots, oldest first, with any schedule.
+
+        Args:
+            schedule: Anything :func:`polyak.average` accepts (``None`` is the plain mean),
+                including schedules with no online form, such as ``tail(k)``.
+            output: Where to write the average as a safetensors file, merged tensor by
+                tensor (streaming) so that memory stays bounded; ``None`` averages in memory
+                and returns the result.
+            int_policy: For int/bool tensors, as in :func:`polyak.average`.
+
+        Returns:
+            Without ``output``, a dict ``{tensor name: numpy array}``; with it, the output
+            path.
+
+        Raises:
+            EmptyInputError: the directory holds no snapshot.
+            PolyakError: the snapshots differ in tensor names, shapes or dtypes, or the
+                schedule's weights are unusable (see :func:`polyak.average`).
+
+        Example:
+            >>> import numpy as np, tempfile, polyak
+            >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp())
+            >>> for step in (10, 20, 30):
+            ...     _ = snaps.save({"w": np.array([float(step)])}, step)
+            >>> snaps.average(polyak.schedules.tail(2))["w"]
+            array([25.])
+        """
+        from polyak import safetensors as st
+
+        paths = self.paths()
+        if not paths:
+            raise EmptyInputError(f"{str(self._path)!r} holds no snapshot to average")
+        if output is not None:
+            return _merge(paths, output, schedule, int_policy)
+        from polyak._average import average
+
+        return average([st.load(p) for p in paths], schedule, int_policy=int_policy)
+
+    def __repr__(self) -> str:
+        return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"
+
+
+def _merge(paths: list[Path], output: Any, schedule: Any, int_policy: str) -> Path:
+    from polyak import safetensors as st
+
+    st.merge(paths, output, schedule, int_policy=int_policy)
+    return Path(output)
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not hasattr(step, "__index__") or int(step) < 0:
+        raise PolyakError(f"step must be an int >= 0, got step={step!r}")
+    return int(step)

@@ -1,0 +1,167 @@
+"""Whole-checkpoint ``load`` and ``save`` between pytrees of arrays and safetensors."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import optree
+
+from polyak._errors import DtypeError, StructureError
+from polyak.safetensors._errors import HeaderError
+from polyak.safetensors._format import dtype_code
+from polyak.safetensors._reader import Checkpoint
+from polyak.safetensors._writer import CheckpointWriter
+
+__all__ = ["load", "save", "read_metadata", "to_numpy"]
+
+# torch dtypes numpy cannot hold natively: reinterpret their bits as the ml_dtypes type.
+_TORCH_BITCAST = {
+    "torch.bfloat16": ("int16", ml_dtypes.bfloat16),
+    "torch.float8_e4m3fn": ("uint8", ml_dtypes.float8_e4m3fn),
+    "torch.float8_e5m2": ("uint8", ml_dtypes.float8_e5m2),
+}
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A numpy array with the values of ``x`` (numpy, torch, jax, keras, scalars)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu()
+        bitcast = _TORCH_BITCAST.get(str(x.dtype))
+        if bitcast is not None:
+            import torch  # only reached when the caller already uses torch
+
+            return x.contiguous().view(getattr(torch, bitcast[0])).numpy().view(bitcast[1])
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _key(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def save(
+    tree: Any,
+    path: str | os.PathLike[str],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    max_shard_size: int | None = None,
+) -> None:
+    """Write a pytree of arrays as a safetensors checkpoint, atomically.
+
+    Nested keys are joined with ``"."`` (``{"dense": {"kernel": x}}`` -> ``"dense.kernel"``);
+    tensors are laid out as the official writer does (wider dtypes first, then by name), so
+    the data stays aligned.
+
+    Args:
+        tree: a pytree (dicts, lists, tuples, ...) of numpy/torch/jax arrays or scalars.
+        path: ``*.safetensors`` for one file; anything else is a directory receiving a sharded
+            checkpoint with ``model.safetensors.index.json``.
+        metadata: string-to-string ``__metadata__``.
+        max_shard_size: for a directory, the largest shard in bytes.
+
+    Raises:
+        StructureError: two leaves map to the same name.
+        DtypeError: a leaf's dtype has no safetensors code (e.g. complex).
+        HeaderError: metadata is not a map of strings to strings.
+        OutputWriteError: the file system refused the write; nothing is left behind.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save({"dense": {"kernel": np.ones((2, 3), np.float32)}}, p)
+        >>> sorted(load(p))
+        ['dense.kernel']
+    """
+    if metadata is not None and not (
+        isinstance(metadata, Mapping)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise HeaderError(f"metadata must map strings to strings, got {metadata!r:.80}")
+    paths, leaves, _ = optree.tree_flatten_with_path(tree)
+    arrays: dict[str, np.ndarray] = {}
+    for p, leaf in zip(paths, leaves, strict=True):
+        name = _key(p)
+        if name in arrays:
+            raise StructureError(f"two leaves of the tree are both saved as {name!r}")
+        arr = np.asarray(to_numpy(leaf))
+        try:
+            dtype_code(arr.dtype)
+        except HeaderError:
+            raise DtypeError(
+                f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors"
+            ) from None
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
+    entries = sorted(
+        ((n, a.dtype, a.shape) for n, a in arrays.items()),
+        key=lambda e: (-e[1].itemsize, e[0]),
+    )
+    writer = CheckpointWriter(path, entries, metadata=metadata, max_shard_size=max_shard_size)
+    try:
+        for name, arr in arrays.items():
+            writer.write(name, 0, arr)
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
+    """Read a safetensors file or sharded checkpoint directory into numpy arrays.
+
+    Args:
+        path: a ``.safetensors`` file or a sharded checkpoint directory.
+        nested: split names on ``"."`` into nested dicts (``"a.b"`` -> ``{"a": {"b": ...}}``).
+
+    Returns:
+        ``{name: array}`` in file order (nested dicts when ``nested``).
+
+    Raises:
+        CheckpointError: the path is not a checkpoint.
+        HeaderError: a header is malformed (naming the file and tensor).
+        StructureError: with ``nested``, a name is both a tensor and a prefix of another.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save({"a": {"b": np.arange(3)}}, p)
+        >>> load(p, nested=True)["a"]["b"]
+        array([0, 1, 2])
+    """
+    with Checkpoint(path) as ck:
+        flat = {name: ck.read_tensor(name) for name in ck.keys()}
+    if not nested:
+        return flat
+    root: dict[str, Any] = {}
+    for name, arr in flat.items():
+        node = root
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise StructureError(
+                    f"{os.fspath(path)}: tensor {'.'.join(parts[: i + 1])!r} is also a prefix "
+                    f"of {name!r}; load it with nested=False"
+                )
+            node = child
+        if parts[-1] in node:
+            raise StructureError(
+                f"{os.fspath(path)}: tensor {name!r} is also a prefix of other tensors; "
+                "load it with nested=False"
+            )
+        node[parts[-1]] = arr
+    return root
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
+    """The ``__metadata__`` of a checkpoint (of its first shard), or None."""
+    with Checkpoint(path) as ck:
+        meta = ck.metadata
+        return dict(meta) if meta is not None else None

@@ -1,0 +1,601 @@
+"""``merge``: average N safetensors checkpoints on disk into one, streaming in bounded memory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from polyak import _kernel, _stream
+from polyak._errors import DtypeError, EmptyInputError, PolyakError
+from polyak.safetensors._errors import OutputError
+from polyak.safetensors._format import DTYPES
+from polyak.safetensors._reader import Checkpoint
+from polyak.safetensors._writer import CheckpointWriter
+from polyak.schedules import Schedule, explicit, resolve
+
+__all__ = [
+    "MergeReport",
+    "MergePlan",
+    "OrderWarning",
+    "merge",
+    "merge_many",
+    "plan_merge",
+    "parse_dtype",
+    "parse_size",
+    "natural_order_problem",
+]
+
+Path = str | os.PathLike[str]
+Progress = bool | Callable[[int, int], None] | None
+
+_DTYPE_NAMES = {
+    **{k.lower(): v for k, v in DTYPES.items()},
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "fp16": np.dtype(np.float16),
+    "half": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+    "fp32": np.dtype(np.float32),
+    "float": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "fp64": np.dtype(np.float64),
+    "double": np.dtype(np.float64),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "fp8_e4m3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+    "fp8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+class OrderWarning(UserWarning):
+    """Inputs with numbered names are not in natural order (``epoch_10`` before ``epoch_9``)."""
+
+
+def parse_dtype(dtype: Any) -> np.dtype | None:
+    """The float output dtype named by ``dtype`` ("bf16", "bfloat16", "F16", np.float16...).
+
+    Raises:
+        DtypeError: not a float dtype safetensors can store.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        found = _DTYPE_NAMES.get(dtype.strip().lower())
+    else:
+        try:
+            found = np.dtype(dtype)
+        except TypeError:
+            found = None
+    if found is None or _kernel.dtype_kind(found) != "float" or found not in DTYPES.values():
+        floats = sorted(k for k, v in _DTYPE_NAMES.items() if _kernel.dtype_kind(v) == "float")
+        raise DtypeError(
+            f"dtype={dtype!r} is not a float dtype safetensors can store; use one of "
+            f"{', '.join(floats)}"
+        )
+    return found
+
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_size(size: int | str | None) -> int | None:
+    """Bytes from ``5000000``, ``"5GB"`` (10**9, as Hugging Face counts) or ``"512MiB"``.
+
+    Raises:
+        PolyakError: not a positive size.
+    """
+    if size is None:
+        return None
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        unit = m.group(2).lower() if m else None
+        if m is None or unit not in _SIZE_UNITS:
+            raise PolyakError(
+                f"max_shard_size={size!r} is not a size; use bytes or e.g. '5GB', '500MB', '2GiB'"
+            )
+        value = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if value <= 0:
+        raise PolyakError(f"max_shard_size must be positive, got max_shard_size={size!r}")
+    return value
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
+
+
+def natural_order_problem(paths: Sequence[Path]) -> str | None:
+    """A warning text when numbered file names are not in natural order, else None."""
+    names = [os.path.basename(os.path.normpath(os.fspath(p))) for p in paths]
+    if len(names) < 2 or not all(re.search(r"\d", n) for n in names):
+        return None
+    for a, b in zip(names, names[1:]):
+        if _natural_key(a) > _natural_key(b):
+            return (
+                f"inputs are not in natural order: {a!r} is given before {b!r}; polyak keeps "
+                "the order given (oldest first), which matters for every schedule but 'equal'"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge did.
+
+    Attributes:
+        output: the output path.
+        files: the files written (the shards and index for a directory).
+        tensors: number of tensors written.
+        bytes_read: input bytes read (shared by all outputs of one ``merge_many`` pass).
+        bytes_written: bytes written to this output.
+        seconds: wall time of the whole pass, fsync included.
+        weights: the weights applied, oldest input first.
+        schedule: a description of the schedule.
+        threads: worker threads used.
+    """
+
+    output: str
+    files: tuple[str, ...]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    weights: tuple[float, ...]
+    schedule: str
+    threads: int
+
+    @property
+    def read_gb_per_s(self) -> float:
+        """Input bytes per second, in GB/s (10**9)."""
+        return self.bytes_read / max(self.seconds, 1e-9) / 1e9
+
+    def __str__(self) -> str:
+        return (
+            f"merged {self.tensors} tensors into {self.output}: read {_human(self.bytes_read)}, "
+            f"wrote {_human(self.bytes_written)} in {self.seconds:.2f} s "
+            f"({self.read_gb_per_s:.2f} GB/s) with weights "
+            f"[{', '.join(f'{w:.4g}' for w in self.weights)}]"
+        )
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """What a merge will do, checked without writing anything (``polyak merge --dry-run``).
+
+    Attributes:
+        inputs: the input paths, oldest first.
+        outputs: the output paths.
+        tensors: (name, input dtype, output dtype, shape) per tensor.
+        weights: one weight vector per output.
+        bytes_to_read: input bytes the merge reads (inputs with weight 0 everywhere are skipped).
+        bytes_to_write: bytes written per output (headers included).
+        buffer_bytes: buffer memory of all threads together.
+        threads: worker threads.
+        warnings: e.g. the natural-order warning.
+    """
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    tensors: tuple[tuple[str, str, str, tuple[int, ...]], ...]
+    weights: tuple[tuple[float, ...], ...]
+    bytes_to_read: int
+    bytes_to_write: tuple[int, ...]
+    buffer_bytes: int
+    threads: int
+    warnings: tuple[str, ...] = field(default=())
+
+    def peak_memory_estimate(self, baseline: int | None = None) -> int:
+        """Peak resident bytes: the interpreter's current RSS (or ``baseline``) plus buffers."""
+        if baseline is None:
+            baseline = _current_rss()
+        return baseline + self.buffer_bytes + (2 << 20) * self.threads
+
+
+def _current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _default_threads() -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
+def _describe(schedule: Schedule | None) -> dict[str, Any]:
+    if schedule is None:
+        return {"name": "explicit"}
+    return {"name": schedule.name, "params": dict(schedule.params)}
+
+
+class _Job:
+    """The opened inputs, the checked plan and the weights shared by plan and merge."""
+
+    def __init__(
+        self,
+        stack: contextlib.ExitStack,
+        inputs: Sequence[Path],
+        outputs: Sequence[Path],
+        weight_vectors: Sequence[Any],
+        *,
+        normalize: bool,
+        dtype: Any,
+        int_policy: str,
+        accumulate_dtype: Any,
+        threads: int | None,
+        chunk_elements: int | None,
+    ) -> None:
+        if isinstance(inputs, (str, os.PathLike)):
+            raise PolyakError(
+                "inputs must be a sequence of checkpoint paths (oldest first), got a single path"
+            )
+        self.inputs = [os.fspath(p) for p in inputs]
+        self.outputs = [os.fspath(p) for p in outputs]
+        if not self.inputs:
+            raise EmptyInputError("no checkpoints to merge: inputs is empty")
+        if len(set(map(os.path.abspath, self.outputs))) != len(self.outputs):
+            raise OutputError(f"the same output path is given twice: {self.outputs}")
+        self.warnings = [w for w in [natural_order_problem(self.inputs)] if w]
+        self.out_dtype = parse_dtype(dtype)
+        _kernel.check_int_policy(int_policy)
+        self.int_policy = int_policy
+        self.threads = _default_threads() if threads is None else int(threads)
+        if self.threads < 1:
+            raise PolyakError(f"threads must be >= 1, got threads={threads!r}")
+        self.chunk_elements = chunk_elements or _kernel.CHUNK_ELEMENTS
+        n = len(self.inputs)
+        self.weights = []
+        for w in weight_vectors:
+            # One code path for validation and normalisation: the same one polyak.average uses.
+            self.weights.append(
+                explicit(list(np.asarray(w, np.float64))).weights(n, normalize=normalize)
+            )
+        self.checkpoints = [stack.enter_context(Checkpoint(p)) for p in self.inputs]
+        self.plans = _stream.plan(
+            self.checkpoints,
+            self.inputs,
+            out_dtype=self.out_dtype,
+            int_policy=int_policy,
+            accumulate_dtype=accumulate_dtype,
+        )
+        self._check_outputs()
+
+    def _check_outputs(self) -> None:
+        protect = set()
+        for ck in self.checkpoints:
+            protect |= ck.identities()
+            for p in [ck.path, ck.index_path]:
+                if p is not None:
+                    st = os.stat(p)
+                    protect.add((st.st_dev, st.st_ino))
+        for out in self.outputs:
+            if os.path.exists(out):
+                st = os.stat(out)
+                if (st.st_dev, st.st_ino) in protect:
+                    raise OutputError(
+                        f"output {out} is one of the inputs; refusing to overwrite it"
+                    )
+        self.protect = protect
+
+    @property
+    def bytes_to_read(self) -> int:
+        used = [i for i in range(len(self.inputs)) if any(w[i] != 0 for w in self.weights)]
+        total = 0
+        for p in self.plans:
+            count = len(used) if p.acc_dtype is not None else len(self.inputs)
+            total += p.size * p.dtype.itemsize * count
+        return total
+
+    def entries(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        return [(p.name, p.out_dtype, p.shape) for p in self.plans]
+
+    def layout(
+        self, output: str, max_shard_size: int | None
+    ) -> list[tuple[str, list[str]]] | None:
+        first = self.checkpoints[0]
+        if output.endswith(".safetensors") or max_shard_size is not None or not first.sharded:
+            return None
+        return first.layout()
+
+
+def plan_merge(
+    inputs: Sequence[Path],
+    outputs: Sequence[Path],
+    weight_vectors: Sequence[Any],
+    *,
+    normalize: bool = True,
+    dtype: Any = None,
+    int_policy: str = "last",
+    accumulate_dtype: Any = None,
+    threads: int | None = None,
+    max_shard_size: int | str | None = None,
+    chunk_elements: int | None = None,
+) -> MergePlan:
+    """Validate a merge and describe it without writing anything.
+
+    Takes the arguments of :func:`merge_many`; raises what it would raise before writing.
+    """
+    parse_size(max_shard_size)  # validated like merge_many does
+    with contextlib.ExitStack() as stack:
+        job = _Job(
+            stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
+            int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
+            chunk_elements=chunk_elements,
+        )  # fmt: skip
+        data = sum(p.size * p.out_dtype.itemsize for p in job.plans)
+        header = 64 * (len(job.plans) + 1)  # an upper bound of the JSON per tensor, roughly
+        per_thread = _stream.buffer_bytes(
+            job.plans, len(job.inputs), len(job.outputs), job.chunk_elements
+        )
+        return MergePlan(
+            inputs=tuple(job.inputs),
+            outputs=tuple(job.outputs),
+            tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
+            weights=tuple(tuple(float(x) for x in w) for w in job.weights),
+            bytes_to_read=job.bytes_to_read,
+            bytes_to_write=tuple(data + header for _ in job.outputs),
+            buffer_bytes=per_thread * job.threads,
+            threads=job.threads,
+            warnings=tuple(job.warnings),
+        )
+
+
+def merge_many(
+    inputs: Sequence[Path],
+    outputs: Sequence[Path],
+    weight_vectors: Sequence[Any],
+    *,
+    normalize: bool = True,
+    dtype: Any = None,
+    int_policy: str = "last",
+    accumulate_dtype: Any = None,
+    threads: int | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str | None = None,
+    schedules: Sequence[Schedule | None] | None = None,
+    chunk_elements: int | None = None,
+) -> list[MergeReport]:
+    """Several weighted averages of the same checkpoints, in one pass over the inputs.
+
+    Each input slice is read once and folded into one accumulator per output, so K outputs
+    cost one read of the inputs (post-hoc EMA builds several averages of the same snapshots).
+    Every output is written atomically; if anything fails, none of them appears.
+
+    Args:
+        inputs: checkpoint paths (files or sharded directories), oldest first.
+        outputs: one path per weight vector (``*.safetensors`` file or a directory).
+        weight_vectors: per output, one weight per input, oldest first.
+        normalize: divide each vector by its sum (as :func:`polyak.weights` does).
+        dtype: cast float tensors of the outputs (e.g. ``"bfloat16"``).
+        int_policy: integer/bool tensors, as in :func:`polyak.average`.
+        accumulate_dtype: raise the accumulation precision (``"float64"``).
+        threads: worker threads (default: the usable cores, at most 8).
+        progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
+        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
+        schedules: per output, the schedule recorded in the metadata (else "explicit").
+        chunk_elements: inner chunk length (default: cache-sized).
+
+    Returns:
+        One :class:`MergeReport` per output.
+
+    Raises:
+        EmptyInputError: no inputs.
+        CheckpointError, HeaderError: an input is missing or malformed.
+        StructureError: inputs differ in tensor names, shapes or dtypes (all listed).
+        WeightsError: bad weights (count, NaN/inf, sum <= 0 when normalizing).
+        DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
+        OutputError: an output would overwrite an input.
+        OutputWriteError: the disk is full or the file too large; nothing is left behind.
+    """
+    t0 = time.perf_counter()
+    shard_bytes = parse_size(max_shard_size)
+    with contextlib.ExitStack() as stack:
+        job = _Job(
+            stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
+            int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
+            chunk_elements=chunk_elements,
+        )  # fmt: skip
+        for text in job.warnings:
+            warnings.warn(text, OrderWarning, stacklevel=3)
+        if schedules is None:
+            schedules = [None] * len(job.outputs)
+        first = job.checkpoints[0]
+        writers: list[CheckpointWriter] = []
+        try:
+            for out, w, sched in zip(job.outputs, job.weights, schedules, strict=True):
+                record = {
+                    "schedule": _describe(sched),
+                    "weights": [float(x) for x in w],
+                    "int_policy": int_policy,
+                    "inputs": [os.path.basename(os.path.normpath(p)) for p in job.inputs],
+                }
+                if job.out_dtype is not None:
+                    record["dtype"] = str(job.out_dtype)
+                metadata = dict(first.metadata or {})
+                metadata["polyak"] = json.dumps(record, default=repr)
+                writers.append(
+                    CheckpointWriter(
+                        out,
+                        job.entries(),
+                        metadata=metadata,
+                        layout=job.layout(out, shard_bytes),
+                        max_shard_size=shard_bytes,
+                        index_metadata=first.index_metadata,
+                        protect=job.protect,
+                    )
+                )
+            with _progress(progress, job.bytes_to_read) as tick:
+                nread = _stream.run(
+                    job.checkpoints,
+                    writers,
+                    job.weights,
+                    job.plans,
+                    int_policy=int_policy,
+                    threads=job.threads,
+                    chunk_elements=job.chunk_elements,
+                    progress=tick,
+                    labels=job.inputs,
+                )
+            for wr in writers:
+                wr.commit()
+        except BaseException:
+            for wr in writers:
+                wr.abort()
+            raise
+    seconds = time.perf_counter() - t0
+    reports = []
+    for out, wr, w, sched in zip(job.outputs, writers, job.weights, schedules, strict=True):
+        files = list(wr.paths)
+        if wr._index is not None:
+            files.append(wr._index[0])
+        reports.append(
+            MergeReport(
+                output=out,
+                files=tuple(files),
+                tensors=len(job.plans),
+                bytes_read=nread,
+                bytes_written=sum(os.path.getsize(f) for f in files),
+                seconds=seconds,
+                weights=tuple(float(x) for x in w),
+                schedule=repr(sched) if sched is not None else "explicit",
+                threads=job.threads,
+            )
+        )
+    return reports
+
+
+@contextlib.contextmanager
+def _progress(progress: Progress, total: int):  # type: ignore[no-untyped-def]
+    if not progress:
+        yield None
+        return
+    if callable(progress) and progress is not True:
+        done = [0]
+
+        def call(n: int) -> None:
+            done[0] += n
+            progress(done[0], total)
+
+        yield call
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge") as bar:
+        yield bar.update
+
+
+def merge(
+    inputs: Sequence[Path],
+    output: Path,
+    schedule: Any = None,
+    *,
+    normalize: bool = True,
+    dtype: Any = None,
+    int_policy: str = "last",
+    threads: int | None = None,
+    progress: Progress = None,
+    max_shard_size: int | str | None = None,
+    accumulate_dtype: Any = None,
+) -> MergeReport:
+    """Average safetensors checkpoints on disk into one, in bounded memory.
+
+    Tensor by tensor, in cache-sized chunks, the matching slice of every input is read into a
+    reused buffer and ``w_i * x_i`` accumulated in float32 (float64 for float64 tensors),
+    rounded once to the output dtype and written at its offset: memory stays at a few chunks
+    per thread whatever the model's size and the number of inputs, and the result equals
+    :func:`polyak.average` over the loaded inputs bit for bit. The output appears atomically
+    (temporary file, fsync, rename); writing over an input is refused.
+
+    Args:
+        inputs: checkpoint paths in chronological order (oldest first): ``.safetensors``
+            files or sharded Hugging Face directories.
+        output: ``*.safetensors`` for one file; anything else is a directory receiving a
+            sharded checkpoint (the first input's shard layout unless ``max_shard_size``).
+        schedule: as in :func:`polyak.average` (None = equal weights, ``"linear"``,
+            ``polyak.schedules.ema(0.9)``, explicit weights, ...).
+        normalize: divide the weights by their sum.
+        dtype: cast float tensors of the output, e.g. ``"bfloat16"``.
+        int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
+        threads: worker threads (default: the usable cores, at most 8).
+        progress: ``True`` for a tqdm progress bar by bytes, or a callable ``(done, total)``.
+        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``.
+        accumulate_dtype: raise the accumulation precision (``"float64"``).
+
+    Returns:
+        A :class:`MergeReport`: tensors, bytes read and written, seconds, weights used.
+
+    Raises:
+        EmptyInputError: no inputs.
+        CheckpointError, HeaderError: an input is missing or malformed (file and tensor named).
+        StructureError: inputs differ in tensor names, shapes or dtypes (differences listed).
+        ScheduleError, WeightsError: the schedule or its weights cannot be used.
+        DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
+        OutputError: ``output`` is one of the inputs.
+        OutputWriteError: the disk is full or a size limit is hit; nothing is left behind.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> import polyak.safetensors as pst
+        >>> d = tempfile.mkdtemp()
+        >>> paths = [os.path.join(d, f"step_{i}.safetensors") for i in range(3)]
+        >>> for i, p in enumerate(paths):
+        ...     pst.save({"w": np.full(4, float(i), np.float32)}, p)
+        >>> report = pst.merge(paths, os.path.join(d, "avg.safetensors"), "linear")
+        >>> report.weights
+        (0.16666666666666666, 0.3333333333333333, 0.5)
+        >>> pst.load(os.path.join(d, "avg.safetensors"))["w"]
+        array([1.3333334, 1.3333334, 1.3333334, 1.3333334], dtype=float32)
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        raise PolyakError(
+            "inputs must be a sequence of checkpoint paths (oldest first), got a single path"
+        )
+    n = len(inputs)
+    if n == 0:
+        raise EmptyInputError("no checkpoints to merge: inputs is empty")
+    sched = resolve(schedule)
+    w = sched.weights(n, normalize=normalize)
+    (report,) = merge_many(
+        inputs,
+        [output],
+        [w],
+        normalize=False,
+        dtype=dtype,
+        int_policy=int_policy,
+        accumulate_dtype=accumulate_dtype,
+        threads=threads,
+        progress=progress,
+        max_shard_size=max_shard_size,
+        schedules=[sched],
+    )
+    return report

@@ -1,0 +1,267 @@
+"""Reading safetensors checkpoints (a file or a sharded directory) slice by slice.
+
+Data is read with ``os.preadv`` into buffers the caller owns, never by mapping the whole file:
+mapped pages count towards the resident set, and the merge must keep it bounded whatever the
+model's size. ``preadv`` takes an explicit offset, so threads can share one descriptor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from polyak.safetensors._errors import CheckpointError, HeaderError
+from polyak.safetensors._format import MAX_HEADER_BYTES, TensorInfo, parse_header, pread_into
+
+__all__ = ["SafetensorsFile", "Checkpoint", "find_index"]
+
+_INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class SafetensorsFile:
+    """One open safetensors file with a validated header.
+
+    Raises:
+        CheckpointError: the path is missing or not a regular file.
+        HeaderError: the header is malformed (naming the file and the tensor).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a directory, expected a file") from None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CheckpointError(f"{self.path}: not a regular file")
+            self.identity = (st.st_dev, st.st_ino)
+            self.file_size = st.st_size
+            self.header = parse_header(self._fd, self.path, st.st_size)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def tensors(self) -> Mapping[str, TensorInfo]:
+        return self.header.tensors
+
+    @property
+    def metadata(self) -> Mapping[str, str] | None:
+        return self.header.metadata
+
+    def read(self, info: TensorInfo, elem_start: int, out: np.ndarray) -> None:
+        """Fill the C-contiguous ``out`` with elements ``elem_start...`` of tensor ``info``."""
+        item = info.dtype.itemsize
+        if out.dtype.itemsize != item or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous with {item}-byte items")
+        if elem_start < 0 or elem_start + out.size > info.size:
+            raise ValueError(
+                f"elements [{elem_start}, {elem_start + out.size}) outside tensor "
+                f"{info.name!r} of {info.size} elements"
+            )
+        raw = out.reshape(-1).view(np.uint8)
+        pread_into(self._fd, memoryview(raw), info.start + elem_start * item, self.path)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()
+
+
+def find_index(directory: str) -> str | None:
+    """The ``*.safetensors.index.json`` of a sharded checkpoint directory, if any."""
+    preferred = os.path.join(directory, "model" + _INDEX_SUFFIX)
+    if os.path.isfile(preferred):
+        return preferred
+    found = sorted(n for n in os.listdir(directory) if n.endswith(_INDEX_SUFFIX))
+    if len(found) > 1:
+        raise CheckpointError(
+            f"{directory}: several shard indexes ({', '.join(found)}); pass one checkpoint"
+        )
+    return os.path.join(directory, found[0]) if found else None
+
+
+def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    try:
+        size = os.path.getsize(index_path)
+        if size > MAX_HEADER_BYTES:
+            raise HeaderError(f"{index_path}: index of {size} bytes exceeds the size limit")
+        with open(index_path, "rb") as f:
+            obj = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        if isinstance(e, HeaderError):
+            raise
+        raise HeaderError(f"{index_path}: not a valid JSON shard index ({e})") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise HeaderError(f"{index_path}: shard index needs a 'weight_map' object")
+    weight_map = obj["weight_map"]
+    for name, shard in weight_map.items():
+        if (
+            not isinstance(shard, str)
+            or not shard.endswith(".safetensors")
+            or os.path.basename(shard) != shard
+            or shard in (".", "..")
+        ):
+            raise HeaderError(
+                f"{index_path}: tensor {name!r} maps to {shard!r}; shards must be plain "
+                "'*.safetensors' file names in the same directory"
+            )
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise HeaderError(f"{index_path}: 'metadata' must be an object")
+    return weight_map, meta
+
+
+class Checkpoint:
+    """A safetensors checkpoint: one file, or a directory of shards with an index.
+
+    Implements the reader protocol of :mod:`polyak._stream` (``keys``, ``info``, ``read``,
+    ``metadata``). Tensors are listed shard by shard, in file order within each shard.
+
+    Args:
+        path: a ``.safetensors`` file, or a directory holding ``*.safetensors.index.json`` and
+            its shards (or a single ``.safetensors`` file).
+
+    Raises:
+        CheckpointError: the path does not exist or is not a checkpoint.
+        HeaderError: a header or the index is malformed or inconsistent.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.index_path: str | None = None
+        self.index_metadata: dict[str, Any] = {}
+        self.files: list[SafetensorsFile] = []
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+        self._where: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
+        for f in self.files:
+            for name, info in f.tensors.items():
+                if name in self._where:
+                    raise HeaderError(
+                        f"{self.path}: tensor {name!r} appears in both "
+                        f"{os.path.basename(self._where[name][0].path)} and "
+                        f"{os.path.basename(f.path)}"
+                    )
+                self._where[name] = (f, info)
+
+    def _open(self) -> None:
+        if not os.path.exists(self.path):
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        if not os.path.isdir(self.path):
+            self.files.append(SafetensorsFile(self.path))
+            return
+        self.index_path = find_index(self.path)
+        if self.index_path is None:
+            single = sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors"))
+            if len(single) != 1:
+                raise CheckpointError(
+                    f"{self.path}: directory has no '*{_INDEX_SUFFIX}' and "
+                    f"{len(single)} .safetensors files; expected a sharded checkpoint"
+                )
+            self.files.append(SafetensorsFile(os.path.join(self.path, single[0])))
+            return
+        weight_map, self.index_metadata = _read_index(self.index_path)
+        if not weight_map:
+            raise HeaderError(f"{self.index_path}: empty weight_map")
+        for shard in sorted(set(weight_map.values())):
+            self.files.append(SafetensorsFile(os.path.join(self.path, shard)))
+        for f in self.files:
+            shard = os.path.basename(f.path)
+            for name in f.tensors:
+                if weight_map.get(name) != shard:
+                    raise HeaderError(
+                        f"{f.path}: tensor {name!r} is not mapped to this shard in "
+                        f"{os.path.basename(self.index_path)}"
+                    )
+        present = {name for f in self.files for name in f.tensors}
+        missing = sorted(set(weight_map) - present)
+        if missing:
+            raise HeaderError(
+                f"{self.index_path}: {len(missing)} tensor(s) of the weight_map are in no shard: "
+                f"{', '.join(map(repr, missing[:5]))}{' ...' if len(missing) > 5 else ''}"
+            )
+
+    # -- reader protocol -------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
+        info = self._where[name][1]
+        return info.dtype, info.shape
+
+    def read(self, name: str, elem_start: int, out: np.ndarray) -> None:
+        f, info = self._where[name]
+        f.read(info, elem_start, out)
+
+    @property
+    def metadata(self) -> Mapping[str, str] | None:
+        return self.files[0].metadata
+
+    # -- extras ----------------------------------------------------------------------------
+    def tensor_info(self, name: str) -> TensorInfo:
+        return self._where[name][1]
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """A new array holding the whole tensor ``name``."""
+        f, info = self._where[name]
+        out = np.empty(info.shape, info.dtype)
+        f.read(info, 0, out)
+        return out
+
+    def layout(self) -> list[tuple[str, list[str]]]:
+        """(shard file name, tensor names) per file, in order."""
+        return [(os.path.basename(f.path), list(f.tensors)) for f in self.files]
+
+    @property
+    def sharded(self) -> bool:
+        return self.index_path is not None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(info.nbytes for _, info in self._where.values())
+
+    def identities(self) -> set[tuple[int, int]]:
+        return {f.identity for f in self.files}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,384 @@
+"""Atomic safetensors writing: a file (or a sharded directory) appears complete or not at all.
+
+Data goes to an unnamed temporary file in the destination folder (Linux ``O_TMPFILE``; a
+hidden named one elsewhere), is flushed and fsynced, and only then gets its final name with an
+atomic rename. A crash, a kill or a full disk therefore never leaves a truncated file under the
+output name; on an exception the temporary file is removed. Writes use ``os.pwrite`` at
+explicit offsets so that several threads can fill one file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from polyak.safetensors._errors import OutputError, OutputWriteError
+from polyak.safetensors._format import dtype_code, encode_header
+
+__all__ = [
+    "AtomicFile",
+    "SafetensorsWriter",
+    "CheckpointWriter",
+    "shard_names",
+    "split_shards",
+    "check_not_input",
+]
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full",
+    errno.EFBIG: "the file exceeds the file size limit (ulimit -f) or the filesystem's",
+    errno.EDQUOT: "the disk quota is exceeded",
+}
+
+
+def _write_error(path: str, e: OSError) -> OutputWriteError:
+    hint = _HINTS.get(e.errno or 0, e.strerror or str(e))
+    return OutputWriteError(
+        e.errno or errno.EIO,
+        f"cannot write {path}: {hint} ({e.strerror}); nothing was written under that name",
+        path,
+    )
+
+
+def check_not_input(path: str, protect: set[tuple[int, int]]) -> None:
+    """Raise OutputError when ``path`` exists and is one of the protected (input) files."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if (st.st_dev, st.st_ino) in protect:
+        raise OutputError(f"output {path} is one of the inputs; refusing to overwrite it")
+
+
+_TMPFILE_OK: dict[int, bool] = {}
+
+# Start writing dirty output pages back after this many bytes, so that the final fsync
+# waits only for the tail instead of the whole file.
+WRITEBACK_BYTES = 64 << 20
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate ``size`` bytes up front: a full disk or a size limit fails here, before any
+    work, and writing into allocated blocks is faster than growing a sparse file."""
+    if size == 0:
+        return
+    if hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+    os.ftruncate(fd, size)
+
+
+def _tmpfile_works(directory: str) -> bool:
+    """Whether unnamed files (O_TMPFILE) can be created in, and linked into, ``directory``.
+
+    An unnamed temporary file vanishes with the process, so even a SIGKILL leaves nothing
+    behind; but some file systems (and sandboxes) refuse to create or to link them, so probe
+    once per device and fall back to a hidden named file.
+    """
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return False
+    dev = os.stat(directory).st_dev
+    if dev not in _TMPFILE_OK:
+        ok = False
+        try:
+            fd = os.open(
+                directory, os.O_TMPFILE | os.O_WRONLY | getattr(os, "O_CLOEXEC", 0), 0o600
+            )
+        except OSError:
+            fd = -1
+        if fd >= 0:
+            probe = os.path.join(directory, f".polyak-probe-{secrets.token_hex(4)}")
+            try:
+                os.link(f"/proc/self/fd/{fd}", probe)
+                os.unlink(probe)
+                ok = True
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        _TMPFILE_OK[dev] = ok
+    return _TMPFILE_OK[dev]
+
+
+class AtomicFile:
+    """A file written in place at offsets, visible under ``path`` only after :meth:`commit`.
+
+    Raises:
+        OutputWriteError: creating, sizing or writing the temporary file failed (it is removed).
+    """
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = os.path.abspath(path)
+        self.dir = os.path.dirname(self.path)
+        self._tmp: str | None = None
+        self._pending = 0
+        self.fd = -1
+        try:
+            self.fd = self._create()
+            _reserve(self.fd, size)
+        except OSError as e:
+            self.abort()
+            raise _write_error(self.path, e) from None
+
+    def _create(self) -> int:
+        cloexec = getattr(os, "O_CLOEXEC", 0)
+        if _tmpfile_works(self.dir):
+            return os.open(self.dir, os.O_TMPFILE | os.O_WRONLY | cloexec, 0o666)
+        for _ in range(100):
+            name = os.path.join(
+                self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
+            )
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o666)
+            except FileExistsError:
+                continue
+            self._tmp = name
+            return fd
+        raise OSError(errno.EEXIST, "could not create a temporary file", self.dir)
+
+    def pwrite(self, data: Any, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        try:
+            self._pending += view.nbytes
+            while view.nbytes:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+            if self._pending > WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+                self._pending = 0
+                # DONTNEED starts asynchronous writeback of the dirty pages (and drops the
+                # ones already on disk); it does not wait, and the data stay in the file.
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError as e:
+            raise _write_error(self.path, e) from None
+
+    def sync(self) -> None:
+        """Flush the data to disk (where a full disk shows up at the latest)."""
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            self.abort()
+            raise _write_error(self.path, e) from None
+
+    def commit(self) -> None:
+        """fsync, then give the file its final name atomically (and fsync the folder)."""
+        try:
+            os.fsync(self.fd)
+            if self._tmp is None:
+                tmp = os.path.join(
+                    self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
+                )
+                os.link(f"/proc/self/fd/{self.fd}", tmp)
+                self._tmp = tmp
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+            os.close(self.fd)
+            self.fd = -1
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError as e:
+            self.abort()
+            raise _write_error(self.path, e) from None
+
+    def abort(self) -> None:
+        """Close and remove the temporary file (idempotent)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._tmp is not None:
+            try:
+                os.unlink(self._tmp)
+            except FileNotFoundError:
+                pass
+            self._tmp = None
+
+
+Entry = tuple[str, np.dtype, tuple[int, ...]]
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file: header first, tensor data at its offsets, atomically."""
+
+    def __init__(
+        self, path: str, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None
+    ) -> None:
+        self.path = path
+        coded = [
+            (name, dtype_code(dt, f"tensor {name!r}: "), tuple(shape))
+            for name, dt, shape in entries
+        ]
+        head, offsets = encode_header(coded, metadata)
+        self._where = {
+            name: (off, np.dtype(dt).itemsize, math.prod(shape))
+            for (name, dt, shape), off in zip(entries, offsets, strict=True)
+        }
+        self.nbytes = sum(item * size for _, item, size in self._where.values())
+        self.size = len(head) + self.nbytes
+        self._file = AtomicFile(path, self.size)
+        try:
+            self._file.pwrite(head, 0)
+        except BaseException:
+            self._file.abort()
+            raise
+
+    def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
+        off, item, size = self._where[name]
+        flat = np.asarray(array).reshape(-1)  # copies only when not contiguous
+        if flat.dtype.itemsize != item or elem_start < 0 or elem_start + flat.size > size:
+            raise ValueError(f"bad write of {flat.size} elements at {elem_start} into {name!r}")
+        self._file.pwrite(flat.view(np.uint8), off + elem_start * item)
+
+    def commit(self) -> None:
+        self._file.commit()
+
+    def abort(self) -> None:
+        self._file.abort()
+
+
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """Hugging Face shard names: ``model-00001-of-00003.safetensors``."""
+    return [f"{stem}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def split_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
+    """Greedy split of ``entries`` (in order) into shards of at most ``max_bytes`` each.
+
+    A tensor larger than ``max_bytes`` gets a shard of its own.
+    """
+    shards: list[list[Entry]] = [[]]
+    used = 0
+    for entry in entries:
+        nbytes = math.prod(entry[2]) * np.dtype(entry[1]).itemsize
+        if shards[-1] and used + nbytes > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(entry)
+        used += nbytes
+    return shards
+
+
+class CheckpointWriter:
+    """The writer side of the streaming protocol: a single file or a sharded directory.
+
+    Args:
+        path: ``*.safetensors`` for one file, anything else for a sharded directory (created if
+            needed) with ``model.safetensors.index.json``.
+        entries: (name, dtype, shape) of every tensor, in the order to lay them out.
+        metadata: ``__metadata__`` written in every file.
+        layout: for a directory, ``(shard file name, tensor names)`` pairs; default: split by
+            ``max_shard_size`` or one shard ``model.safetensors``.
+        max_shard_size: largest shard in bytes (directories only).
+        index_metadata: extra entries of the index's ``metadata`` (``total_size`` is set here).
+        protect: (st_dev, st_ino) of files that must not be overwritten (the inputs).
+
+    Raises:
+        OutputError: the output would overwrite a protected file, or the path is unusable.
+        OutputWriteError: the file system refused the write (everything written is removed).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        entries: Sequence[Entry],
+        *,
+        metadata: Mapping[str, str] | None = None,
+        layout: Sequence[tuple[str, Sequence[str]]] | None = None,
+        max_shard_size: int | None = None,
+        index_metadata: Mapping[str, Any] | None = None,
+        protect: Iterable[tuple[int, int]] = (),
+    ) -> None:
+        self.path = os.fspath(path)
+        protect = set(protect)
+        self.single = self.path.endswith(".safetensors")
+        self._writers: list[SafetensorsWriter] = []
+        self._route: dict[str, SafetensorsWriter] = {}
+        self._index: tuple[str, dict[str, Any]] | None = None
+        by_name = {e[0]: e for e in entries}
+        if self.single:
+            if os.path.isdir(self.path):
+                raise OutputError(f"output {self.path} is a directory; expected a file name")
+            parent = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(parent):
+                raise OutputError(f"output folder {parent} does not exist")
+            check_not_input(self.path, protect)
+            plan = [(self.path, list(entries))]
+        else:
+            if os.path.exists(self.path) and not os.path.isdir(self.path):
+                raise OutputError(
+                    f"output {self.path} exists and is not a directory; name a directory for a "
+                    "sharded checkpoint or a '.safetensors' file"
+                )
+            if layout is None:
+                groups = (
+                    split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
+                )
+                names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
+                layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
+            plan = [(os.path.join(self.path, n), [by_name[t] for t in ts]) for n, ts in layout]
+            index_path = os.path.join(self.path, "model.safetensors.index.json")
+            for p, _ in plan:
+                check_not_input(p, protect)
+            check_not_input(index_path, protect)
+            os.makedirs(self.path, exist_ok=True)
+            total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
+            meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
+            weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
+            index = {
+                "metadata": {"total_size": total, **meta},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            self._index = (index_path, index)
+        try:
+            for p, es in plan:
+                w = SafetensorsWriter(p, es, metadata)
+                self._writers.append(w)
+                for name, _, _ in es:
+                    self._route[name] = w
+        except BaseException:
+            self.abort()
+            raise
+        self.nbytes = sum(w.size for w in self._writers)
+        self.paths = [w.path for w in self._writers]
+
+    def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
+        self._route[name].write(name, elem_start, array)
+
+    def commit(self) -> None:
+        """Make every shard (and then the index) appear under its final name."""
+        try:
+            # Sync everything before renaming anything, so a failure leaves no new shard.
+            for w in self._writers:
+                w._file.sync()
+            for w in self._writers:
+                w._file.commit()
+            if self._index is not None:
+                index_path, index = self._index
+                data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+                f = AtomicFile(index_path, len(data))
+                try:
+                    f.pwrite(data, 0)
+                    f.commit()
+                except BaseException:
+                    f.abort()
+                    raise
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.abort()
