@@ -111,6 +111,40 @@ def _tmpfile_works(directory: str) -> bool:
     return _TMPFILE_OK[dev]
 
 
+def _temp_name(path: str) -> str:
+    return f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.polyak-tmp"
+
+
+def _remove_stale_temps(path: str) -> None:
+    """Remove named temporary files of ``path`` left by processes that were killed.
+
+    (A SIGKILL gives no chance to clean up; their names carry the writer's pid.)
+    """
+    directory, base = os.path.split(path)
+    prefix = f".{base}."
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".polyak-tmp")):
+            continue
+        pid_text = name[len(prefix) : -len(".polyak-tmp")].split("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # the writer is alive
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # alive under another user
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
 class AtomicFile:
     """A file written in place at offsets, visible under ``path`` only after :meth:`commit`.
 
@@ -133,12 +167,11 @@ class AtomicFile:
 
     def _create(self) -> int:
         cloexec = getattr(os, "O_CLOEXEC", 0)
+        _remove_stale_temps(self.path)
         if _tmpfile_works(self.dir):
             return os.open(self.dir, os.O_TMPFILE | os.O_WRONLY | cloexec, 0o666)
         for _ in range(100):
-            name = os.path.join(
-                self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
-            )
+            name = os.path.join(self.dir, _temp_name(self.path))
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o666)
             except FileExistsError:
@@ -176,9 +209,7 @@ class AtomicFile:
         try:
             os.fsync(self.fd)
             if self._tmp is None:
-                tmp = os.path.join(
-                    self.dir, f".{os.path.basename(self.path)}.{secrets.token_hex(4)}.polyak-tmp"
-                )
+                tmp = os.path.join(self.dir, _temp_name(self.path))
                 os.link(f"/proc/self/fd/{self.fd}", tmp)
                 self._tmp = tmp
             os.replace(self._tmp, self.path)
