@@ -227,8 +227,12 @@ def run(
     if len(writers) != len(ws):
         raise ValueError(f"{len(writers)} writers for {len(ws)} weight vectors")
     labels = list(labels) if labels is not None else [f"input {i}" for i in range(n)]
+    # Exactly as polyak.average: rational weights become small integer coefficients and one
+    # division at the end; inputs whose coefficient is 0 are never read.
+    split = [_kernel.split_weights(w) for w in ws]
+    divisors = [d for _, d in split]
     # Per output, the inputs it reads, and per input, the outputs it feeds.
-    active = [[(i, float(w[i])) for i in range(n) if w[i] != 0] for w in ws]
+    active = [[(i, float(c[i])) for i in range(n) if c[i] != 0] for c, _ in split]
     feeds: list[list[tuple[int, float, bool]]] = [[] for _ in range(n)]
     for k, act in enumerate(active):
         for j, (i, wi) in enumerate(act):
@@ -272,10 +276,11 @@ def run(
                 if not active[k]:
                     acc[...] = 0
                 if p.out_dtype == acc_dtype:
+                    _kernel.finalize(acc, acc, divisors[k])
                     writers[k].write(p.name, s, acc)
                 else:
                     out = bufs["out"][: m * p.out_dtype.itemsize].view(p.out_dtype)
-                    _kernel.finalize(acc, out)
+                    _kernel.finalize(acc, out, divisors[k])
                     writers[k].write(p.name, s, out)
         return nread
 

@@ -27,3 +27,7 @@ class OutputError(PolyakError):
 
 class OutputWriteError(OSError):
     """Writing the output failed (disk full, size limit, I/O error); nothing was left behind."""
+
+    def __str__(self) -> str:
+        # The message already names the file and the cause; skip OSError's "[Errno N] ...".
+        return str(self.strerror) if self.strerror else super().__str__()

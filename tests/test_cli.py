@@ -1,0 +1,238 @@
+"""The ``polyak`` command line, end to end in subprocesses (``python -m polyak``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import polyak
+import polyak.safetensors as pst
+from polyak import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def polyak_cmd(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(
+        [sys.executable, "-m", "polyak", *args],
+        env=env, capture_output=True, text=True, timeout=120, cwd=cwd,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def run(tmp_path):
+    rng = np.random.default_rng(0)
+    paths, trees = [], []
+    for i in range(1, 5):
+        tree = {
+            "w": rng.standard_normal((20, 30)).astype(np.float32),
+            "h": rng.standard_normal(40).astype(ml_dtypes.bfloat16),
+            "step": np.int64(i * 10),
+        }
+        p = str(tmp_path / f"epoch_{i}.safetensors")
+        pst.save(tree, p, {"format": "np"})
+        paths.append(p)
+        trees.append(pst.load(p))
+    return paths, trees
+
+
+def _same(got: dict, expected: dict) -> None:
+    assert sorted(got) == sorted(expected)
+    for k in expected:
+        assert got[k].tobytes() == np.asarray(expected[k]).tobytes(), k
+
+
+@pytest.mark.parametrize(
+    "flags, schedule",
+    [
+        ([], None),
+        (["--schedule", "linear"], "linear"),
+        (["--schedule", "exponential", "--alpha", "1.5"], polyak.schedules.exponential(1.5)),
+        (["--decay", "0.5"], polyak.schedules.ema(0.5)),
+        (["--last", "2"], polyak.schedules.tail(2)),
+        (["--weights", "1,0,2,1"], [1, 0, 2, 1]),
+    ],
+)
+def test_merge_matches_average(run, tmp_path, flags, schedule):
+    paths, trees = run
+    out = str(tmp_path / "avg.safetensors")
+    proc = polyak_cmd("merge", *paths, "-o", out, *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert "merged 3 tensors" in proc.stdout
+    _same(pst.load(out), polyak.average(trees, schedule))
+    assert proc.stderr == ""  # not a terminal: no progress bar
+
+
+def test_merge_dtype_and_sharded_output(run, tmp_path):
+    paths, trees = run
+    out = tmp_path / "bf16"
+    proc = polyak_cmd(
+        "merge", *paths, "-o", str(out), "--dtype", "bf16", "--max-shard-size", "1KB"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors.index.json").exists()
+    got = pst.load(str(out))
+    assert got["w"].dtype == ml_dtypes.bfloat16
+    expected = polyak.average(trees)["w"].astype(ml_dtypes.bfloat16)
+    assert got["w"].tobytes() == expected.tobytes()
+
+
+def test_merge_progress_bar_when_forced(run, tmp_path):
+    paths, _ = run
+    proc = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--progress")
+    assert proc.returncode == 0, proc.stderr
+    assert "merge" in proc.stderr and "100%" in proc.stderr
+
+
+def test_dry_run_plans_without_writing(run, tmp_path):
+    paths, trees = run
+    out = str(tmp_path / "never.safetensors")
+    proc = polyak_cmd("merge", *paths, "-o", out, "--schedule", "linear", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert not os.path.exists(out)
+    text = proc.stdout
+    assert "all 4 valid and matching" in text
+    assert "tensors: 3 (1 bfloat16, 1 float32, 1 int64)" in text
+    assert "peak memory: about" in text and "nothing was written" in text
+    for name, w in zip(["epoch_1", "epoch_4"], [0.1, 0.4], strict=True):
+        line = next(ln for ln in text.splitlines() if name in ln)
+        assert f"{w:.6f}" in line
+    total = sum(v.nbytes for t in trees for v in t.values())
+    assert f"to read: {cli._human(total)}" in text
+
+
+def test_dry_run_reports_mismatches(run, tmp_path):
+    paths, _ = run
+    odd = str(tmp_path / "epoch_5.safetensors")
+    pst.save({"w": np.zeros((20, 31), np.float32), "h": np.zeros(40, np.float32)}, odd)
+    proc = polyak_cmd("merge", *paths, odd, "-o", str(tmp_path / "m.safetensors"), "--dry-run")
+    assert proc.returncode == 1
+    assert "missing 1 tensor(s): 'step'" in proc.stderr
+    assert "'w' (20, 31) != (20, 30)" in proc.stderr
+    assert "'h' float32 != bfloat16" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_natural_order_warning_keeps_given_order(tmp_path):
+    paths = []
+    for i in (9, 10):
+        p = str(tmp_path / f"epoch_{i}.safetensors")
+        pst.save({"w": np.full(2, float(i), np.float32)}, p)
+        paths.append(p)
+    out = str(tmp_path / "m.safetensors")
+    proc = polyak_cmd("merge", paths[1], paths[0], "-o", out, "--weights", "1,0")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: inputs are not in natural order" in proc.stderr
+    assert "'epoch_10.safetensors' is given before 'epoch_9.safetensors'" in proc.stderr
+    assert proc.stderr.count("natural order") == 1
+    assert np.array_equal(pst.load(out)["w"], [10.0, 10.0])  # the order given, not sorted
+
+
+def test_merge_errors_are_one_line(run, tmp_path):
+    paths, _ = run
+    cases = [
+        (["merge", *paths, "-o", paths[0]], "one of the inputs"),
+        (
+            ["merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--weights", "1,2"],
+            "4 snapshots",
+        ),
+        (
+            [
+                "merge",
+                str(tmp_path / "missing.safetensors"),
+                "-o",
+                str(tmp_path / "m.safetensors"),
+            ],
+            "no such file",
+        ),  # fmt: skip
+        (
+            ["merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--schedule", "nope"],
+            "unknown schedule",
+        ),  # fmt: skip
+        (
+            ["merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--int-policy", "error"],
+            "int_policy='error'",
+        ),  # fmt: skip
+    ]
+    for argv, message in cases:
+        proc = polyak_cmd(*argv)
+        assert proc.returncode == 1, (argv, proc.stderr)
+        assert proc.stderr.startswith("polyak: error:") and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    usage = polyak_cmd(
+        "merge", *paths, "-o", "x.safetensors", "--weights", "1,1,1,1", "--decay", "0.5"
+    )
+    assert usage.returncode == 2 and "either --weights or a schedule" in usage.stderr
+    assert polyak_cmd("merge", *paths).returncode == 2  # -o is required
+
+
+def test_inspect(run, tmp_path):
+    paths, _ = run
+    proc = polyak_cmd("inspect", paths[0])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "safetensors file" in lines[0]
+    w_line = next(ln for ln in lines if ln.strip().startswith("w "))
+    assert "F32" in w_line and "[20, 30]" in w_line and "2.3 KiB" in w_line
+    assert "3 tensors, 641 elements" in proc.stdout
+    assert "format: np" in proc.stdout
+    js = json.loads(polyak_cmd("inspect", paths[0], "--json").stdout)
+    assert {t["name"]: t["shape"] for t in js["tensors"]} == {"w": [20, 30], "h": [40], "step": []}
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 4)
+    proc = polyak_cmd("inspect", str(bad))
+    assert proc.returncode == 1 and "too small" in proc.stderr
+
+
+def test_weights_table():
+    proc = polyak_cmd("weights", "linear", "-n", "4")
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln.split() for ln in proc.stdout.splitlines()[1:5]]
+    assert [float(r[1]) for r in rows] == [0.1, 0.2, 0.3, 0.4]
+    assert [len(r[2]) for r in rows] == [10, 20, 30, 40]  # the bar chart, scaled to the largest
+    assert "sum" in proc.stdout
+    proc = polyak_cmd("weights", "ema", "--decay", "0.5", "-n", "3")
+    assert [float(ln.split()[1]) for ln in proc.stdout.splitlines()[1:4]] == [0.25, 0.25, 0.5]
+    proc = polyak_cmd("weights", "2,-1", "-n", "2", "--no-normalize")
+    assert "--------------------" in proc.stdout  # negative weights draw a '-' bar
+    assert polyak_cmd("weights", "tail", "-n", "3").returncode == 1  # tail needs k or fraction
+
+
+def test_demo_generates_merges_and_checks(tmp_path):
+    folder = tmp_path / "demo"
+    proc = polyak_cmd("demo", "--dir", str(folder), "-n", "3")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "generated 3 checkpoints" in out
+    assert out.count("bit for bit identical") == 3
+    assert "max error 0" in out
+    assert "linear() weights" in out and "exponential(alpha=2.0) weights" in out
+    names = sorted(os.listdir(folder))
+    assert "merged_linear.safetensors" in names and "step_3000.safetensors" in names
+    merged = pst.load(str(folder / "merged_linear.safetensors"))
+    assert merged["head.weight"].dtype == ml_dtypes.bfloat16 and merged["step"] == 3000
+    # A second run reuses the checkpoints it finds.
+    again = polyak_cmd("demo", "--dir", str(folder))
+    assert again.returncode == 0 and "using 3 checkpoints" in again.stdout
+
+
+def test_demo_without_dir_cleans_up():
+    proc = polyak_cmd("demo", "-n", "2")
+    assert proc.returncode == 0, proc.stderr
+    folder = proc.stdout.split("checkpoints in ")[1].split(" (")[0]
+    assert not os.path.exists(folder)
+
+
+def test_commands_registered_in_one_place():
+    names = [c[0] for c in cli.COMMANDS]
+    assert names == ["merge", "inspect", "weights", "demo"]
+    help_text = polyak_cmd("--help").stdout
+    assert all(n in help_text for n in names)
