@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -135,7 +136,7 @@ def update(
     if spec != acc_spec:
         leaves, accessors = _match_paths(acc_accessors, accessors, leaves)
     for acc, x, dtype, accessor in zip(accs, leaves, state.dtypes, accessors):
-        _leaves.check(acc, x, dtype, where(accessor, root=_ROOT))
+        _leaves.check(acc, x, dtype, partial(where, accessor, root=_ROOT))
     t = state.count + 1
     decay = schedule.decay(t)
     new = [_leaves.fold(acc, x, decay, int_policy, workspace) for acc, x in zip(accs, leaves)]
@@ -527,7 +528,7 @@ class Averager:
             x = _leaves.as_array(leaf)
             acc = _leaves.to_library_of(self._loaded[name], x)
             dtype = _leaves.dtype_from_name(self._loaded_dtypes[name], x)
-            _leaves.check(acc, x, dtype, where(accessor, root=_ROOT))
+            _leaves.check(acc, x, dtype, partial(where, accessor, root=_ROOT))
             accs.append(acc)
             dtypes.append(dtype)
         self._state = OnlineState(self._state.count, spec.unflatten(accs), tuple(dtypes))

@@ -17,6 +17,7 @@ dtype otherwise; complex ones in at least complex64; int/bool leaves follow the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -123,8 +124,9 @@ def _array_type(x: Any) -> str:
     return name
 
 
-def check(acc: Any, x: Any, first_dtype: Any, path: str) -> None:
-    """Check a later snapshot's leaf against the average of the earlier ones.
+def check(acc: Any, x: Any, first_dtype: Any, path: Callable[[], str]) -> None:
+    """Check a later snapshot's leaf against the average of the earlier ones; ``path()``
+    names the leaf in the error (built only then: this runs for every leaf of every update).
 
     Raises:
         ShapeError: the shape changed.
@@ -132,18 +134,18 @@ def check(acc: Any, x: Any, first_dtype: Any, path: str) -> None:
     """
     if tuple(x.shape) != tuple(acc.shape):
         raise ShapeError(
-            f"{path}: shape {tuple(x.shape)} != {tuple(acc.shape)} in the first snapshot"
+            f"{path()}: shape {tuple(x.shape)} != {tuple(acc.shape)} in the first snapshot"
         )
     now, then = kind(x), dtype_kind(first_dtype)
     if now != then:
         raise DtypeError(
-            f"{path}: dtype {x.dtype} ({now}) != {first_dtype} ({then}) in the first snapshot"
+            f"{path()}: dtype {x.dtype} ({now}) != {first_dtype} ({then}) in the first snapshot"
         )
     # Converting to another library or device at every step would copy the parameters off
     # their device, which online averaging exists to avoid: a change is an error.
     if _array_type(x) != _array_type(acc):
         raise DtypeError(
-            f"{path}: a {_array_type(x)}, but the average is kept as a {_array_type(acc)} "
+            f"{path()}: a {_array_type(x)}, but the average is kept as a {_array_type(acc)} "
             "(like the first snapshot); pass every snapshot as the same array type and device"
         )
 
