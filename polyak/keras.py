@@ -39,7 +39,7 @@ __all__ = [
     "average_models",
     "average_files",
     "update_batchnorm",
-    "WeightAveraging",
+    "WeightAveraging",  # noqa: F822 (made on first access, by __getattr__ below)
 ]
 
 PathLike = str | os.PathLike
@@ -61,7 +61,7 @@ def _keras() -> ModuleType:
 class _Layer(NamedTuple):
     name: str
     kind: str
-    variables: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, shape, dtype)
+    variables: tuple[tuple[str, tuple[int, ...], str, str], ...]  # name, shape, dtype, path
 
 
 class _Layout(NamedTuple):
@@ -76,8 +76,9 @@ def _base_name(name: str) -> str:
     return re.sub(r"_\d+$", "", name)
 
 
-def _variable(v: Any) -> tuple[str, tuple[int, ...], str]:
-    return (v.name, tuple(int(d) for d in v.shape), str(v.dtype))
+def _variable(v: Any) -> tuple[str, tuple[int, ...], str, str]:
+    # The path ("block/dense_2/kernel") is only shown: it holds auto-numbered layer names.
+    return (v.name, tuple(int(d) for d in v.shape), str(v.dtype), v.path)
 
 
 def _layout(model: Any, label: str) -> _Layout:
@@ -119,16 +120,16 @@ def _check_layout(layout: _Layout, label: str, ref: _Layout, ref_label: str) -> 
                 else (f"variables in order {names}, expected {ref_names}")
             )
             raise StructureError(f"{here} has other variables than {there}: {detail}")
-        for (name, shape, dtype), (_, ref_shape, ref_dtype) in zip(
+        for (_, shape, dtype, path), (_, ref_shape, ref_dtype, _) in zip(
             mine.variables, theirs.variables
         ):
             if shape != ref_shape:
                 raise ShapeError(
-                    f"{here} variable {name!r} has shape {shape}, {there} has {ref_shape}"
+                    f"{here} variable {path!r} has shape {shape}, {there} has {ref_shape}"
                 )
             if dtype != ref_dtype:
                 raise DtypeError(
-                    f"{here} variable {name!r} has dtype {dtype}, {there} has {ref_dtype}"
+                    f"{here} variable {path!r} has dtype {dtype}, {there} has {ref_dtype}"
                 )
     if len(layout.layers) != len(ref.layers):
         longer, extra = (
@@ -248,11 +249,13 @@ def average_models(models: Sequence[keras.Model], schedule: Any = None) -> keras
 class _RunningSum:
     """``sum_i w_i * x_i`` over weight lists fed one at a time, with the core's kernel.
 
-    Per element this is :func:`polyak.average`'s computation in the same order (weight-0
-    snapshots skipped, the first one assigned, the rest added), hence equal bit for bit.
+    Per element this is :func:`polyak.average`'s computation in the same order (the weights
+    split into coefficients and one divisor by the kernel, weight-0 snapshots skipped, the
+    first one assigned, the rest added, one division at the end), hence equal bit for bit.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, divisor: float) -> None:
+        self.divisor = divisor
         self.started = False  # a nonzero-weight snapshot has been assigned
         self.dtypes: list[np.dtype] = []
         self.sums: list[np.ndarray | None] = []
@@ -292,7 +295,7 @@ class _RunningSum:
                 out.append(newest)
             else:
                 final = np.empty(acc.shape, dtype)
-                _kernel.finalize(acc, final)
+                _kernel.finalize(acc, final, self.divisor)
                 out.append(final)
         return out
 
@@ -360,15 +363,15 @@ def average_files(
     """
     paths = [os.fspath(p) for p in _nonempty(paths, "paths")]
     _check_files(paths, model is not None)
-    weights = _weights(schedule, len(paths))
-    total = _RunningSum()
-    holder = None if model is None else _empty_copy(model, "model")
+    coefficients, divisor = _kernel.split_weights(_weights(schedule, len(paths)))
+    total = _RunningSum(divisor)
     ref = None if model is None else _layout(model, "model")
+    holder = None if model is None else _empty_copy(model, "model")
     ref_label = "model"
     current = None
     last = len(paths) - 1
     for i, path in enumerate(paths):
-        if weights[i] == 0 and i != last:
+        if coefficients[i] == 0 and i != last:
             continue  # as in polyak.average, a weight-0 snapshot is never read
         label = f"paths[{i}] {path!r}"
         if holder is None and current is not None:
@@ -382,11 +385,11 @@ def average_files(
             ref, ref_label = layout, label
         else:
             _check_layout(layout, label, ref, ref_label)
-        total.add(current.get_weights(), float(weights[i]))
+        total.add(current.get_weights(), float(coefficients[i]))
     current.set_weights(total.result())
-    if holder is None and current.compiled:
-        # load_model restored the newest snapshot's optimizer state; it does not belong to
-        # the average.
+    if current.compiled:
+        # Loading restored the newest snapshot's optimizer state; it does not belong to the
+        # average.
         current.compile_from_config(current.get_compile_config())
     return current
 
@@ -477,3 +480,169 @@ def update_batchnorm(model: keras.Model, x: Any, batch_size: int = 32) -> int:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return len(layers)
+
+
+# --- averaging during fit() -------------------------------------------------------------------
+
+
+def _weight_names(model: Any) -> list[str]:
+    """Snapshot tensor names in get_weights() order: variable paths without the model name."""
+    prefix = model.name + "/"
+    names = [v.path[len(prefix) :] if v.path.startswith(prefix) else v.path for v in model.weights]
+    if len(set(names)) < len(names):  # two variables with one path: keep them apart by index
+        names = [f"{i:04d}:{name}" for i, name in enumerate(names)]
+    return names
+
+
+_WEIGHT_AVERAGING_DOC = """A Keras callback that keeps a weight average during ``fit()``.
+
+    After each epoch (``every="epoch"``) or each training batch (``every="batch"``) from
+    ``start_epoch`` on, the model's weights (all of them, BatchNormalization moving statistics
+    included) are folded into a :class:`polyak.Averager` with ``schedule``. At the end of
+    training the average replaces the model's weights (``swap_on_end``); it is also available
+    as :attr:`average`. With ``snapshot_dir``, every snapshot is also saved as a safetensors
+    file through :class:`polyak.SnapshotDir`, so that any other schedule can be chosen
+    afterwards (``callback.snapshots.average("linear")``), including those with no online
+    form such as ``tail(k)``: for those the average at the end is taken over the saved
+    snapshots (the newest ``keep``), and ``snapshot_dir`` is required.
+
+    .. note::
+        After swapping in averaged weights, recompute BatchNormalization statistics with
+        :func:`update_batchnorm` if the model has any: the average of moving statistics does
+        not describe the averaged network. Snapshot steps count the snapshots this callback
+        took (0, 1, ...) across ``fit()`` calls; each file's metadata also records the
+        ``epoch`` (and ``batch``) it was taken at.
+
+    Args:
+        schedule: The weighting, anything :func:`polyak.schedules.resolve` takes:
+            ``"equal"`` (SWA), ``polyak.schedules.ema(0.999)`` (EMA), ``"linear"``...
+        start_epoch: First epoch (0-based, as Keras numbers them) whose weights are averaged.
+        every: ``"epoch"`` or ``"batch"``: when a snapshot is taken.
+        swap_on_end: Put the average into the model when ``fit()`` ends.
+        snapshot_dir: A directory for the snapshots; it must not already hold snapshots.
+        keep: Keep only the newest ``keep`` snapshot files (needs ``snapshot_dir``).
+
+    Raises:
+        NoOnlineFormError: the schedule has no online form and no ``snapshot_dir`` is given.
+        ScheduleError: the schedule cannot be resolved.
+        PolyakError: a bad ``start_epoch``, ``every`` or ``keep``, or a ``snapshot_dir``
+            that already holds snapshots.
+
+    Example:
+        >>> swa = polyak.keras.WeightAveraging("equal", start_epoch=75)  # doctest: +SKIP
+        >>> model.fit(x, y, epochs=100, callbacks=[swa])  # doctest: +SKIP
+        >>> polyak.keras.update_batchnorm(model, x)  # doctest: +SKIP
+    """
+
+
+def _check_averaging_args(start_epoch: Any, every: Any, snapshot_dir: Any, keep: Any) -> None:
+    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
+        raise PolyakError(f"start_epoch must be an int >= 0, got start_epoch={start_epoch!r}")
+    if every not in ("epoch", "batch"):
+        raise PolyakError(f"every must be 'epoch' or 'batch', got every={every!r}")
+    if keep is not None and snapshot_dir is None:
+        raise PolyakError(f"keep={keep!r} needs a snapshot_dir to keep snapshots in")
+
+
+def _make_weight_averaging() -> type:
+    # Built on first use, since subclassing keras.callbacks.Callback imports Keras.
+    import polyak
+
+    keras = _keras()
+
+    class WeightAveraging(keras.callbacks.Callback):
+        __doc__ = _WEIGHT_AVERAGING_DOC
+
+        def __init__(
+            self,
+            schedule: Any = "equal",
+            *,
+            start_epoch: int = 0,
+            every: str = "epoch",
+            swap_on_end: bool = True,
+            snapshot_dir: PathLike | None = None,
+            keep: int | None = None,
+        ) -> None:
+            super().__init__()
+            _check_averaging_args(start_epoch, every, snapshot_dir, keep)
+            self.schedule = polyak.schedules.resolve(schedule)
+            self.start_epoch = start_epoch
+            self.every = every
+            self.swap_on_end = bool(swap_on_end)
+            self.snapshots = None
+            if snapshot_dir is not None:
+                self.snapshots = polyak.SnapshotDir(snapshot_dir, keep=keep)
+                if len(self.snapshots):
+                    raise PolyakError(
+                        f"snapshot_dir {os.fspath(snapshot_dir)!r} already holds "
+                        f"{len(self.snapshots)} snapshots: use an empty directory, so that "
+                        "the average is of this run only"
+                    )
+            if self.schedule.online:
+                self.averager = polyak.Averager(self.schedule)
+            elif self.snapshots is None:
+                raise polyak.NoOnlineFormError(
+                    f"schedule {self.schedule!r} has no online form: pass snapshot_dir= to "
+                    "save the snapshots and average them when training ends"
+                )
+            else:
+                self.averager = None
+            self.count = 0  # snapshots taken
+            self._names: list[str] | None = None
+            self._epoch = 0
+
+        def _take(self, epoch: int, batch: int | None = None) -> None:
+            model = self.model  # (with JAX, reading .model syncs the weights mid-epoch)
+            if self._names is None:
+                self._names = _weight_names(model)
+            params = dict(zip(self._names, model.get_weights()))
+            if self.averager is not None:
+                self.averager.update(params)
+            if self.snapshots is not None:
+                metadata = {"epoch": str(epoch)}
+                if batch is not None:
+                    metadata["batch"] = str(batch)
+                self.snapshots.save(params, self.count, metadata=metadata)
+            self.count += 1
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self._epoch = epoch
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if self.every == "batch" and self._epoch >= self.start_epoch:
+                self._take(self._epoch, batch)
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            if self.every == "epoch" and epoch >= self.start_epoch:
+                self._take(epoch)
+
+        def on_train_end(self, logs: Any = None) -> None:
+            if self.swap_on_end and self.count:
+                self.model.set_weights(self.average)
+
+        @property
+        def average(self) -> list[np.ndarray]:
+            """The average so far, in ``model.get_weights()`` order.
+
+            Raises:
+                EmptyInputError: no snapshot has been taken yet.
+            """
+            if not self.count:
+                raise EmptyInputError(
+                    f"no snapshot taken yet (start_epoch={self.start_epoch}, every={self.every!r})"
+                )
+            if self.averager is not None:
+                value = self.averager.value
+            else:
+                value = self.snapshots.average(self.schedule)
+            return [np.asarray(value[name]) for name in self._names]
+
+    WeightAveraging.__module__ = __name__
+    return WeightAveraging
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WeightAveraging":
+        cls = globals()["WeightAveraging"] = _make_weight_averaging()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
