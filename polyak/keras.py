@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -33,6 +33,8 @@ from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError,
 if TYPE_CHECKING:
     import keras
 
+    from polyak.soup import SoupResult
+
 __all__ = [
     "ModelFileError",
     "average_weights",
@@ -40,6 +42,7 @@ __all__ = [
     "average_files",
     "update_batchnorm",
     "WeightAveraging",  # noqa: F822 (made on first access, by __getattr__ below)
+    "greedy_soup",
 ]
 
 PathLike = str | os.PathLike
@@ -480,6 +483,114 @@ def update_batchnorm(model: keras.Model, x: Any, batch_size: int = 32) -> int:
         for layer, momentum in zip(layers, momenta):
             layer.momentum = momentum
     return len(layers)
+
+
+# --- greedy soups ----------------------------------------------------------------------------
+
+
+def greedy_soup(
+    models_or_paths: Sequence[keras.Model | PathLike],
+    evaluate: Callable[[keras.Model], float],
+    *,
+    higher_is_better: bool = True,
+    model: keras.Model | None = None,
+) -> SoupResult:
+    """Greedy model soup of Keras models or saved model files (Wortsman et al., 2022).
+
+    :func:`polyak.soup.greedy` for Keras: each candidate is scored alone, then, best first,
+    each joins the soup if the uniform average of the soup with it scores at least as well.
+    ``evaluate`` receives a model holding the weights to score (one model, reused: its
+    weights are replaced before each call), e.g. ``lambda m: m.evaluate(x_val, y_val)[1]``.
+    Files are loaded one at a time; memory holds the running sum of the soup, the model
+    being scored and one loaded candidate.
+
+    Args:
+        models_or_paths: Keras models of one architecture, or ``.keras``/``.h5`` model files
+            (``.weights.h5`` weight files with ``model=``); not a mix of both.
+        evaluate: The held-out metric of a model, ``evaluate(model) -> float``.
+        higher_is_better: ``False`` for a loss.
+        model: For files, a built model of their architecture: each file is loaded into a
+            clone of it with ``load_weights`` (needed for ``.weights.h5`` files).
+
+    Returns:
+        A :class:`polyak.soup.SoupResult` whose ``params`` is a new model holding the soup
+        (a clone of the first model, or of ``model``, or the first file's model), compiled
+        like it when it is compiled; ``members`` index ``models_or_paths``.
+
+    Raises:
+        EmptyInputError: nothing given.
+        ModelFileError: a file is missing, of another kind, or cannot be loaded.
+        StructureError, ShapeError, DtypeError: an architecture differs from the first one
+            (the message names the layer and the candidate).
+        PolyakError: a mix of models and paths, or ``evaluate`` did not return a number.
+
+    Example:
+        >>> result = polyak.keras.greedy_soup(  # doctest: +SKIP
+        ...     fine_tuned_models, lambda m: m.evaluate(x_val, y_val, verbose=0)[1]
+        ... )
+        >>> result.members, result.scores[-1]  # doctest: +SKIP
+        >>> result.params.save("soup.keras")  # doctest: +SKIP
+    """
+    from polyak import soup as _soup
+
+    items = _nonempty(models_or_paths, "models_or_paths")
+    is_path = [isinstance(item, (str, os.PathLike)) for item in items]
+    if any(is_path) and not all(is_path):
+        raise PolyakError(
+            "models_or_paths mixes models and file paths; give only models or only paths"
+        )
+    if all(is_path):
+        paths = [os.fspath(p) for p in items]
+        _check_files(paths, model is not None)
+        loader = None if model is None else _empty_copy(model, "model")
+        ref = None if model is None else _layout(model, "model")
+        ref_label = "model"
+        holder = None if model is None else _empty_copy(model, "model")
+
+        def load_weights(i: int) -> list[np.ndarray]:
+            nonlocal ref, ref_label, holder
+            label = f"models_or_paths[{i}] {paths[i]!r}"
+            current = _load(paths[i], loader, label, compile=holder is None)
+            layout = _layout(current, label)
+            if ref is None:
+                ref, ref_label = layout, label
+            else:
+                _check_layout(layout, label, ref, ref_label)
+            weights = current.get_weights()
+            if holder is None:
+                holder = current  # the first file's model, compiled, scores the soup
+            elif current is not loader:
+                # Keras models hold reference cycles: free this one before the next load.
+                del current
+                gc.collect()
+            return weights
+
+    else:
+        _check_all(items, "models_or_paths")
+        holder = _empty_copy(items[0], "models_or_paths[0]")
+
+        def load_weights(i: int) -> list[np.ndarray]:
+            return items[i].get_weights()
+
+    def load(i: int) -> tuple[list[np.ndarray], Any]:
+        weights = load_weights(i)
+        return weights, _soup._layout(weights, f"models_or_paths[{i}]")
+
+    def score(weights: list[np.ndarray]) -> float:
+        holder.set_weights(weights)
+        return evaluate(holder)
+
+    result = _soup._greedy(
+        len(items),
+        load,
+        score,
+        higher_is_better=higher_is_better,
+        int_policy="first",
+        accumulate_dtype=None,
+        name="models_or_paths",
+    )
+    holder.set_weights(result.params)
+    return result._replace(params=holder)
 
 
 # --- averaging during fit() -------------------------------------------------------------------
