@@ -84,7 +84,9 @@ def _save_sharded(tensors: dict[str, np.ndarray], folder: str, max_bytes: int) -
         fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, os.path.join(folder, fname))
         weight_map.update(dict.fromkeys(shard, fname))
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)

@@ -58,7 +58,11 @@ def run_child(args: list[str], *, timeout: float = 900.0) -> dict[str, Any]:
     ):
         proc = subprocess.run(
             [sys.executable, "-S", "-c", _LAUNCHER, rss.name, *cmd],
-            stdout=out, stderr=err, env=child_env(), timeout=timeout, check=False,
+            stdout=out,
+            stderr=err,
+            env=child_env(),
+            timeout=timeout,
+            check=False,
         )
         out.seek(0)
         err.seek(0)

@@ -81,8 +81,9 @@ def _load_numpy(ckpt: str) -> dict[str, np.ndarray]:
 def run_polyak(spec: dict[str, Any]) -> None:
     import polyak.safetensors as pst
 
-    report = pst.merge(spec["inputs"], spec["output"], list(spec["weights"]),
-                       threads=spec["threads"])
+    report = pst.merge(
+        spec["inputs"], spec["output"], list(spec["weights"]), threads=spec["threads"]
+    )
     if not np.allclose(report.weights, spec["weights"], rtol=1e-12, atol=0):
         raise RuntimeError(f"polyak used weights {report.weights}, not {spec['weights']}")
 
@@ -216,8 +217,12 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     if method in ("polyak", "tutorial", "safe_open", "torch_f64"):
         _fsync(spec["output"])
     seconds = spec.get("_seconds", time.perf_counter() - start)
-    return {"method": method, "seconds": seconds, "bytes": spec["bytes"],
-            "rss_before_mib": rss_before}
+    return {
+        "method": method,
+        "seconds": seconds,
+        "bytes": spec["bytes"],
+        "rss_before_mib": rss_before,
+    }
 
 
 if __name__ == "__main__":

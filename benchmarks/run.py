@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                   # the default run (< 10 min, < 12 GB of disk)
     python benchmarks/run.py --quick           # tiny sizes: checks the suite runs (~1 min)
-    python benchmarks/run.py --mib 1024 --json out.json --plot out.png
+    python benchmarks/run.py --mib 1024 --out /tmp/results   # bigger files, results elsewhere
 
 Sections (``--only`` picks some):
 
@@ -148,20 +148,29 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
     run_child([METHODS_SCRIPT, json.dumps({**base, "method": "read"})])  # warm the page cache
     for method in ("read (warm cache)", "np.copyto", *case.methods):
         spec = {**base, **method_spec(method)}
-        row = {"case": case.name, "method": method, "n": case.n, "mib": case.files.mib,
-               "dtype": case.files.dtype, "sharded": case.files.shard_mib is not None,
-               "bytes": nbytes}
+        row = {
+            "case": case.name,
+            "method": method,
+            "n": case.n,
+            "mib": case.files.mib,
+            "dtype": case.files.dtype,
+            "sharded": case.files.shard_mib is not None,
+            "bytes": nbytes,
+        }
         need = estimate_peak(method, case)
         if need > 0.8 * available_memory_bytes():
-            row["skipped"] = (f"needs ~{need / 2**30:.1f} GiB, more than the memory "
-                              f"available ({available_memory_bytes() / 2**30:.1f} GiB)")
+            row["skipped"] = (
+                f"needs ~{need / 2**30:.1f} GiB, more than the memory "
+                f"available ({available_memory_bytes() / 2**30:.1f} GiB)"
+            )
             rows.append(row)
             print(f"  {case.name:<18} {method:<24} skipped: {row['skipped']}", flush=True)
             continue
         if spec["method"] not in ("read", "copyto"):
             sharded_out = spec["method"] == "polyak" and case.files.shard_mib is not None
-            out = os.path.join(workdir, f"out_{len(outputs)}" +
-                               ("" if sharded_out else ".safetensors"))
+            out = os.path.join(
+                workdir, f"out_{len(outputs)}" + ("" if sharded_out else ".safetensors")
+            )
             spec["output"] = out
             outputs[method] = out
         best = None
@@ -172,14 +181,22 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
             if best is None or r["seconds"] < best["seconds"]:
                 best = r
         assert best is not None
-        row.update(seconds=best["seconds"], gb_per_s=nbytes / best["seconds"] / 1e9,
-                   peak_rss_mib=best["peak_rss_mib"], rss_before_mib=best["rss_before_mib"])
+        row.update(
+            seconds=best["seconds"],
+            gb_per_s=nbytes / best["seconds"] / 1e9,
+            peak_rss_mib=best["peak_rss_mib"],
+            rss_before_mib=best["rss_before_mib"],
+        )
         rows.append(row)
-        print(f"  {case.name:<18} {method:<24} {row['seconds']:7.2f} s "
-              f"{row['gb_per_s']:6.2f} GB/s  peak {row['peak_rss_mib']:7.0f} MiB", flush=True)
+        print(
+            f"  {case.name:<18} {method:<24} {row['seconds']:7.2f} s "
+            f"{row['gb_per_s']:6.2f} GB/s  peak {row['peak_rss_mib']:7.0f} MiB",
+            flush=True,
+        )
     if outputs:
-        check = run_child([METHODS_SCRIPT, json.dumps({**base, "method": "check",
-                                                       "outputs": outputs})])
+        check = run_child(
+            [METHODS_SCRIPT, json.dumps({**base, "method": "check", "outputs": outputs})]
+        )
         for row in rows:
             if row["method"] in check["errors"]:
                 row["max_abs_err"] = check["errors"][row["method"]]
@@ -206,8 +223,9 @@ def scaling_points(args: argparse.Namespace) -> list[tuple[FileSet, int, str]]:
     return points
 
 
-def run_scaling_point(files: FileSet, n: int, axis: str, paths: list[str], workdir: str,
-                      with_tutorial: bool) -> list[dict]:
+def run_scaling_point(
+    files: FileSet, n: int, axis: str, paths: list[str], workdir: str, with_tutorial: bool
+) -> list[dict]:
     from benchmarks._merge_methods import input_bytes
 
     inputs = paths[:n]
@@ -216,14 +234,25 @@ def run_scaling_point(files: FileSet, n: int, axis: str, paths: list[str], workd
     methods = ["polyak 2 threads"] + (["tutorial np.average"] if with_tutorial else [])
     for method in methods:
         out = os.path.join(workdir, "scaling_out.safetensors")
-        r = run_child([METHODS_SCRIPT, json.dumps({**base, **method_spec(method),
-                                                   "output": out})])
+        r = run_child([METHODS_SCRIPT, json.dumps({**base, **method_spec(method), "output": out})])
         _remove(out)
-        rows.append({"axis": axis, "method": method, "n": n, "mib": files.mib,
-                     "input_mib": base["bytes"] / 2**20, "seconds": r["seconds"],
-                     "peak_rss_mib": r["peak_rss_mib"], "rss_before_mib": r["rss_before_mib"]})
-        print(f"  scaling N={n:<3} {files.mib:>5} MiB  {method:<22} peak "
-              f"{r['peak_rss_mib']:7.0f} MiB  ({r['seconds']:.2f} s)", flush=True)
+        rows.append(
+            {
+                "axis": axis,
+                "method": method,
+                "n": n,
+                "mib": files.mib,
+                "input_mib": base["bytes"] / 2**20,
+                "seconds": r["seconds"],
+                "peak_rss_mib": r["peak_rss_mib"],
+                "rss_before_mib": r["rss_before_mib"],
+            }
+        )
+        print(
+            f"  scaling N={n:<3} {files.mib:>5} MiB  {method:<22} peak "
+            f"{r['peak_rss_mib']:7.0f} MiB  ({r['seconds']:.2f} s)",
+            flush=True,
+        )
     return rows
 
 
@@ -232,32 +261,93 @@ def run_memory(args: argparse.Namespace) -> list[dict]:
     rows = []
     names = {"polyak": "polyak.average", "np_average_stacked": "np.average (stacked)"}
     for method, label in names.items():
-        r = run_child([str(HERE / "average.py"), "--one", method, "--n", str(args.memory_n),
-                       "--mib", str(args.memory_mib)])
-        rows.append({"case": f"in-memory N={args.memory_n}", "method": label,
-                     "n": args.memory_n, "mib": args.memory_mib, "dtype": "float32",
-                     "bytes": int(r["inputs_mib"] * 2**20), "seconds": r["seconds"],
-                     "gb_per_s": r["gb_per_s"], "peak_rss_mib": r["peak_rss_mib"],
-                     "added_rss_mib": r["peak_rss_added_mib"], "max_abs_err": r["max_abs_err"]})
-        print(f"  in-memory {label:<24} {r['seconds']:7.2f} s  added "
-              f"{r['peak_rss_added_mib']:.0f} MiB", flush=True)
+        r = run_child(
+            [
+                str(HERE / "average.py"),
+                "--one",
+                method,
+                "--n",
+                str(args.memory_n),
+                "--mib",
+                str(args.memory_mib),
+            ]
+        )
+        rows.append(
+            {
+                "case": f"in-memory N={args.memory_n}",
+                "method": label,
+                "n": args.memory_n,
+                "mib": args.memory_mib,
+                "dtype": "float32",
+                "bytes": int(r["inputs_mib"] * 2**20),
+                "seconds": r["seconds"],
+                "gb_per_s": r["gb_per_s"],
+                "peak_rss_mib": r["peak_rss_mib"],
+                "added_rss_mib": r["peak_rss_added_mib"],
+                "max_abs_err": r["max_abs_err"],
+            }
+        )
+        print(
+            f"  in-memory {label:<24} {r['seconds']:7.2f} s  added "
+            f"{r['peak_rss_added_mib']:.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
 def run_online(args: argparse.Namespace) -> list[dict]:
-    """``Averager.update`` against ``np.copyto``, reusing benchmarks/online.py."""
-    script = HERE / "online.py"
-    if not script.exists():
-        print("  online: benchmarks/online.py is not in this checkout; skipped", flush=True)
-        return []
-    import importlib
-
-    online = importlib.import_module("benchmarks.online")
+    """``Averager.update`` against ``np.copyto``: benchmarks/online.py, one child per dtype."""
     rows = []
-    for method in online.METHODS:
-        r = run_child([str(script), "--one", method, *online.quick_args(args.quick)])
-        rows.append({"case": r.get("case", "online"), "method": method, **r})
+    for dtype in ("float32", "bfloat16"):
+        r = run_child(
+            [str(HERE / "run.py"), "--online-child", dtype, "--online-mb", str(args.online_mb)]
+        )
+        for method, key in (("Averager.update (ema)", "update_s"), ("np.copyto", "copy_s")):
+            rows.append(
+                {
+                    "case": f"online {dtype} {args.online_mb:g} MB",
+                    "method": method,
+                    "dtype": dtype,
+                    "bytes": r["bytes"],
+                    "seconds": r[key],
+                    "gb_per_s": r["bytes"] / r[key] / 1e9,
+                    "peak_rss_mib": r["peak_rss_mib"],
+                    "max_rel_err": r.get("max_rel_err") if key == "update_s" else None,
+                }
+            )
+        print(
+            f"  online {dtype:<9} update {r['update_s'] * 1e3:7.1f} ms  copy "
+            f"{r['copy_s'] * 1e3:7.1f} ms  ratio {r['ratio']:.2f}",
+            flush=True,
+        )
     return rows
+
+
+def online_child(dtype: str, mb: float) -> dict[str, Any]:
+    """Run benchmarks/online.py's interleaved measurement and read back its medians."""
+    import contextlib
+    import io
+    import re
+
+    from benchmarks import online
+
+    text = io.StringIO()
+    ns = argparse.Namespace(mb=mb, repeats=7, dtype=dtype, torch=False)
+    with contextlib.redirect_stdout(text):
+        ratio = online.bench_numpy(ns)
+    out = text.getvalue()
+    found = {k: re.search(rf"{k}:\s+([0-9.]+) ms", out) for k in ("np.copyto", "update")}
+    size = re.search(r"tree: ([0-9.]+) MB", out)
+    err = re.search(r"max relative error ([0-9.e+-]+)", out)
+    if not all(found.values()) or size is None:
+        raise RuntimeError(f"cannot read benchmarks/online.py's output:\n{out}")
+    return {
+        "copy_s": float(found["np.copyto"].group(1)) / 1e3,
+        "update_s": float(found["update"].group(1)) / 1e3,
+        "ratio": ratio,
+        "bytes": int(float(size.group(1)) * 1e6),
+        "max_rel_err": float(err.group(1)) if err else None,
+    }
 
 
 # --- output ------------------------------------------------------------------------------
@@ -268,30 +358,133 @@ def _fmt(row: dict, key: str, spec: str, missing: str = "") -> str:
     return missing if v is None else format(v, spec)
 
 
+def _error(row: dict) -> str:
+    if row.get("max_abs_err") is not None:
+        return format(row["max_abs_err"], ".1e")
+    if row.get("max_rel_err") is not None:
+        return format(row["max_rel_err"], ".1e") + " (rel.)"
+    return ""
+
+
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table (also what the terminal shows)."""
-    head = ("| case | method | seconds | GB/s | of read | peak RSS (MiB) | max abs error |\n"
-            "|---|---|---:|---:|---:|---:|---:|")
+    head = (
+        "| case | method | seconds | GB/s | of read | peak RSS (MiB) | max error |\n"
+        "|---|---|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['case']} | {r['method']} | skipped: {r['skipped']} | | | | |")
             continue
         lines.append(
-            f"| {r['case']} | {r['method']} | {_fmt(r, 'seconds', '.2f')} | "
+            f"| {r['case']} | {r['method']} | {_fmt(r, 'seconds', '.3g')} | "
             f"{_fmt(r, 'gb_per_s', '.2f')} | {_fmt(r, 'of_read', '.0%')} | "
-            f"{_fmt(r, 'peak_rss_mib', '.0f')} | {_fmt(r, 'max_abs_err', '.1e')} |"
+            f"{_fmt(r, 'peak_rss_mib', '.0f')} | {_error(r)} |"
         )
     return "\n".join(lines)
 
 
 def scaling_table(rows: list[dict]) -> str:
-    lines = ["| N | file (MiB) | inputs (MiB) | method | peak RSS (MiB) | seconds |",
-             "|---:|---:|---:|---|---:|---:|"]
+    lines = [
+        "| N | file (MiB) | inputs (MiB) | method | peak RSS (MiB) | seconds |",
+        "|---:|---:|---:|---|---:|---:|",
+    ]
     for r in sorted(rows, key=lambda r: (r["axis"] != "n", r["n"], r["mib"], r["method"])):
-        lines.append(f"| {r['n']} | {r['mib']} | {r['input_mib']:.0f} | {r['method']} | "
-                     f"{r['peak_rss_mib']:.0f} | {r['seconds']:.2f} |")
+        lines.append(
+            f"| {r['n']} | {r['mib']} | {r['input_mib']:.0f} | {r['method']} | "
+            f"{r['peak_rss_mib']:.0f} | {r['seconds']:.2f} |"
+        )
     return "\n".join(lines)
+
+
+def summary(results: dict[str, Any]) -> list[str]:
+    """A few sentences read off the numbers (never written by hand)."""
+    rows = [r for r in results["rows"] if "of_read" in r]
+    lines = []
+    for method in ("polyak 1 thread", "polyak 2 threads"):
+        mine = [r for r in rows if r["method"] == method]
+        if mine:
+            lo, hi = min(r["of_read"] for r in mine), max(r["of_read"] for r in mine)
+            lines.append(
+                f"- {method}: {lo:.0%} to {hi:.0%} of the warm-cache read throughput "
+                "of the same files."
+            )
+    polyak_rows = [r for r in rows if r["method"].startswith("polyak")]
+    if polyak_rows:
+        top = max(r["peak_rss_mib"] for r in polyak_rows)
+        lines.append(
+            f"- polyak's peak RSS stayed at or below {top:.0f} MiB in every merge case "
+            "(interpreter and imports included)."
+        )
+    for method in CONTENDERS[2:]:
+        pairs = [
+            (
+                r,
+                next(
+                    p
+                    for p in polyak_rows
+                    if p["case"] == r["case"] and p["method"] == "polyak 2 threads"
+                ),
+            )
+            for r in rows
+            if r["method"] == method and any(p["case"] == r["case"] for p in polyak_rows)
+        ]
+        if pairs:
+            speed = [p["gb_per_s"] / r["gb_per_s"] for r, p in pairs]
+            mem = max(r["peak_rss_mib"] for r, _ in pairs)
+            lines.append(
+                f"- {method}: polyak (2 threads) was {min(speed):.1f}x to "
+                f"{max(speed):.1f}x as fast; its peak RSS reached {mem:.0f} MiB."
+            )
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """RESULTS.md: the command, date, machine, the tables, the plot."""
+    m = results["machine"]
+    libs = ", ".join(
+        f"{k} {m[k]}" for k in ("python", "numpy", "safetensors", "torch", "ml_dtypes") if m.get(k)
+    )
+    out = [
+        "# Benchmark results",
+        "",
+        f"- Command: `{results['command']}` (total {results['seconds'] / 60:.1f} min)",
+        f"- Date: {results['date']}",
+        f"- Machine: {m['cores']} cores, {m['memory_gib']} GiB of memory, {m['cpu']}; {m['os']}",
+        f"- Software: {libs}",
+        "",
+        "Each row is one method in its own subprocess. *seconds*: reading every input, "
+        "averaging with linear weights (oldest first) and writing the output, fsync included. "
+        "*GB/s*: input bytes per second. *of read*: that throughput as a fraction of reading "
+        "the same files from a warm page cache. *peak RSS*: the subprocess's peak resident "
+        "memory, interpreter and imports included. *max error*: the largest absolute "
+        "difference from a float64 average of the inputs read with the official "
+        "`safetensors` reader (outputs are rounded to the input dtype, so bf16 errors are "
+        "bf16 roundings); for the online rows, the relative error `benchmarks/online.py` "
+        "checks. The in-memory rows come from `benchmarks/average.py` (N snapshots held in "
+        "memory by both methods), the online rows from `benchmarks/online.py` (medians of 7 "
+        "interleaved updates and copies in one process, so both rows share its peak RSS).",
+        "",
+        *summary(results),
+        "",
+        table(results["rows"]),
+        "",
+    ]
+    out += [f"Note: {n}" for n in results["notes"]] + [""] if results["notes"] else []
+    if results["scaling"]:
+        out += [
+            "## Memory scaling",
+            "",
+            "Peak RSS of the merge (polyak, 2 threads) against the tutorial recipe, as the "
+            "number of checkpoints grows (left) and as each checkpoint grows (right):",
+            "",
+            "![Peak RSS of the merge against N and file size](memory_scaling.png)",
+            "",
+            scaling_table(results["scaling"]),
+            "",
+        ]
+    return "\n".join(out)
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -302,8 +495,10 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
-    for ax, axis, xkey, xlabel in ((axes[0], "n", "n", "checkpoints N"),
-                                   (axes[1], "size", "mib", "file size (MiB), N = 4")):
+    for ax, axis, xkey, xlabel in (
+        (axes[0], "n", "n", "checkpoints N"),
+        (axes[1], "size", "mib", "file size (MiB), N = 4"),
+    ):
         pts = [r for r in rows if r["axis"] == axis]
         for method, style in (("polyak 2 threads", "o-"), ("tutorial np.average", "s--")):
             mine = sorted((r[xkey], r["peak_rss_mib"]) for r in pts if r["method"] == method)
@@ -331,31 +526,59 @@ def plot(rows: list[dict], path: str) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", default=",".join(SECTIONS),
-                   help=f"comma-separated sections among {', '.join(SECTIONS)}")
+    p.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections among {', '.join(SECTIONS)}",
+    )
     p.add_argument("--mib", type=int, default=512, help="checkpoint size in MiB (default 512)")
-    p.add_argument("--mib-32", type=int, default=128,
-                   help="checkpoint size of the N=32 case (default 128, for the disk budget)")
-    p.add_argument("--cases", default=None,
-                   help="comma-separated merge cases to run (default all), e.g. 'f32 N=8'")
-    p.add_argument("--scaling-mib", type=int, default=64,
-                   help="file size of the growing-N memory sweep (default 64)")
+    p.add_argument(
+        "--mib-32",
+        type=int,
+        default=128,
+        help="checkpoint size of the N=32 case (default 128, for the disk budget)",
+    )
+    p.add_argument(
+        "--cases",
+        default=None,
+        help="comma-separated merge cases to run (default all), e.g. 'f32 N=8'",
+    )
+    p.add_argument(
+        "--scaling-mib",
+        type=int,
+        default=64,
+        help="file size of the growing-N memory sweep (default 64)",
+    )
     p.add_argument("--scaling-ns", default="2,4,8,16,32", help="N of the memory sweep")
-    p.add_argument("--scaling-sizes", default="64,128,256,512",
-                   help="file sizes (MiB) of the memory sweep at N = 4")
+    p.add_argument(
+        "--scaling-sizes",
+        default="64,128,256,512",
+        help="file sizes (MiB) of the memory sweep at N = 4",
+    )
     p.add_argument("--memory-n", type=int, default=10, help="snapshots, in-memory section")
     p.add_argument("--memory-mib", type=int, default=100, help="MiB per snapshot, in-memory")
+    p.add_argument("--online-mb", type=float, default=256.0, help="tree size (MB), online")
+    p.add_argument("--online-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--repeat", type=int, default=1, help="runs per method; the fastest counts")
     p.add_argument("--quick", action="store_true", help="tiny sizes, to check the suite runs")
-    p.add_argument("--workdir", default=None, help="where to write checkpoints (default: a "
-                   "temporary directory, deleted at the end)")
-    p.add_argument("--json", default=str(HERE / "results.json"), help="results as JSON")
-    p.add_argument("--plot", default=str(HERE / "memory_scaling.png"), help="memory plot (PNG)")
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where to write checkpoints (default: a temporary directory, deleted at the end)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="where to write RESULTS.md, results.json and memory_scaling.png "
+        "(default: benchmarks/; with --quick, a temporary directory)",
+    )
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="polyak-bench-quick-") if args.quick else str(HERE)
     if args.quick:
         args.mib, args.mib_32, args.scaling_mib = 8, 2, 2
         args.scaling_sizes, args.scaling_ns = "2,8", "2,8"
-        args.memory_n, args.memory_mib = 4, 8
+        args.memory_n, args.memory_mib, args.online_mb = 4, 8, 8.0
     args.scaling_ns = [int(x) for x in args.scaling_ns.split(",")]
     args.scaling_sizes = [int(x) for x in args.scaling_sizes.split(",")]
     args.cases = [c.strip() for c in args.cases.split(",")] if args.cases else None
@@ -368,13 +591,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.online_child:
+        result = online_child(args.online_child, args.online_mb)
+        print(json.dumps(result))
+        return result
     started = time.time()
     workdir = args.workdir or tempfile.mkdtemp(prefix="polyak-bench-")
     os.makedirs(workdir, exist_ok=True)
     results: dict[str, Any] = {
         "command": " ".join(["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(), "rows": [], "scaling": [], "notes": [],
+        "machine": machine(),
+        "rows": [],
+        "scaling": [],
+        "notes": [],
     }
     # Work goes file set by file set, so each set is written once, used by every case and
     # sweep point that needs it, and deleted before the next is written.
@@ -392,16 +622,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             count = max(j[1].n if j[0] == "case" else j[1][0] for j in todo)
             folder = os.path.join(workdir, "inputs")
             print(f"writing {count} checkpoints of {files.label} ...", flush=True)
-            paths = _checkpoints.write_set(folder, count, files.mib, files.dtype,
-                                           shard_mib=files.shard_mib)
+            paths = _checkpoints.write_set(
+                folder, count, files.mib, files.dtype, shard_mib=files.shard_mib
+            )
             for kind, job in todo:
                 if kind == "case":
                     results["rows"] += run_case(job, paths, workdir, args)
                 else:
                     n, axis = job
                     tutorial_fits = 3 * n * (files.mib << 20) < 0.6 * available_memory_bytes()
-                    results["scaling"] += run_scaling_point(files, n, axis, paths, workdir,
-                                                            tutorial_fits)
+                    results["scaling"] += run_scaling_point(
+                        files, n, axis, paths, workdir, tutorial_fits
+                    )
             shutil.rmtree(folder)
         if "memory" in args.only:
             results["rows"] += run_memory(args)
@@ -411,23 +643,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     results["seconds"] = time.time() - started
+    results["notes"] += [
+        f"{r['case']}: {r['method']} skipped, {r['skipped']}"
+        for r in results["rows"]
+        if "skipped" in r
+    ]
     print()
     print(table(results["rows"]))
     if results["scaling"]:
         print()
         print(scaling_table(results["scaling"]))
-        if args.plot:
-            plot(results["scaling"], args.plot)
-            print(f"\nplot: {args.plot}")
+        plot(results["scaling"], os.path.join(args.out, "memory_scaling.png"))
     for note in results["notes"]:
         print(f"note: {note}")
     m = results["machine"]
-    print(f"\n{m['cores']} cores, {m['memory_gib']} GiB, {m['cpu']}; "
-          f"total {results['seconds'] / 60:.1f} min")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"json: {args.json}")
+    print(
+        f"\n{m['cores']} cores, {m['memory_gib']} GiB, {m['cpu']}; "
+        f"total {results['seconds'] / 60:.1f} min"
+    )
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(args.out, "RESULTS.md"), "w") as f:
+        f.write(markdown(results))
+    plotted = ", memory_scaling.png" if results["scaling"] else ""
+    print(f"written: RESULTS.md, results.json{plotted} in {args.out}")
     return results
 
 
@@ -439,8 +679,10 @@ def _check_disk(jobs: dict[FileSet, list[tuple[str, Any]]], workdir: str) -> Non
         need = max(need, (count + len(CONTENDERS) + 1) * (files.mib << 20))
     free = shutil.disk_usage(workdir).free
     if need > free:
-        raise SystemExit(f"the benchmark needs ~{need / 1e9:.1f} GB free in {workdir}, "
-                         f"only {free / 1e9:.1f} GB are; pass --workdir or smaller --mib")
+        raise SystemExit(
+            f"the benchmark needs ~{need / 1e9:.1f} GB free in {workdir}, "
+            f"only {free / 1e9:.1f} GB are; pass --workdir or smaller --mib"
+        )
 
 
 if __name__ == "__main__":
