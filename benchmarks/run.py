@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -158,6 +159,10 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
             "bytes": nbytes,
         }
         need = estimate_peak(method, case)
+        if method == "torch float64 loop" and importlib.util.find_spec("torch") is None:
+            row["skipped"] = "torch is not installed"
+            rows.append(row)
+            continue
         if need > 0.8 * available_memory_bytes():
             row["skipped"] = (
                 f"needs ~{need / 2**30:.1f} GiB, more than the memory "
