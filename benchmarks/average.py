@@ -29,11 +29,20 @@ def make_snapshots(n: int, mib: int, seed: int = 0) -> list[dict[str, np.ndarray
     elements = mib * 2**20 // 4
     width = 1024
     rows = max(1, elements // (8 * width))
-    layout = {f"layer{i}.{k}": shape for i in range(4) for k, shape in
-              (("attn.weight", (rows, width)), ("mlp.weight", (rows, width)),
-               ("norm.weight", (width,)), ("mlp.bias", (width,)))}
-    return [{k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
-             for k, s in layout.items()} for _ in range(n)]
+    layout = {
+        f"layer{i}.{k}": shape
+        for i in range(4)
+        for k, shape in (
+            ("attn.weight", (rows, width)),
+            ("mlp.weight", (rows, width)),
+            ("norm.weight", (width,)),
+            ("mlp.bias", (width,)),
+        )
+    }
+    return [
+        {k: rng.standard_normal(s, dtype=np.float32) * np.float32(0.02) for k, s in layout.items()}
+        for _ in range(n)
+    ]
 
 
 def reset_peak_rss() -> None:
@@ -70,8 +79,10 @@ def run_one(method: str, n: int, mib: int) -> dict:
         out = polyak.average(snaps, "linear")
     else:
         # The tutorial recipe: stack every snapshot's layer, then np.average over axis 0.
-        out = {k: np.average(np.array([s[k] for s in snaps]), axis=0, weights=w)
-               .astype(np.float32) for k in snaps[0]}
+        out = {
+            k: np.average(np.array([s[k] for s in snaps]), axis=0, weights=w).astype(np.float32)
+            for k in snaps[0]
+        }
     seconds = time.perf_counter() - start
     peak_added = peak_rss_mib() - before
     err = 0.0
@@ -79,9 +90,16 @@ def run_one(method: str, n: int, mib: int) -> dict:
         ref = sum(wi * s[k].astype(np.float64) for wi, s in zip(w, snaps))
         err = max(err, float(np.abs(out[k] - ref).max()))
     total = sum(a.nbytes for s in snaps for a in s.values())
-    return {"method": method, "n": n, "mib": mib, "seconds": seconds,
-            "gb_per_s": total / seconds / 1e9, "peak_rss_added_mib": peak_added,
-            "inputs_mib": total / 2**20, "max_abs_err": err}
+    return {
+        "method": method,
+        "n": n,
+        "mib": mib,
+        "seconds": seconds,
+        "gb_per_s": total / seconds / 1e9,
+        "peak_rss_added_mib": peak_added,
+        "inputs_mib": total / 2**20,
+        "max_abs_err": err,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -97,16 +115,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results = []
     for method in METHODS:
         proc = subprocess.run(
-            [sys.executable, __file__, "--one", method, "--n", str(args.n), "--mib", str(args.mib)],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                method,
+                "--n",
+                str(args.n),
+                "--mib",
+                str(args.mib),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"{'method':<20} {'seconds':>8} {'GB/s':>6} {'peak RSS added':>15} {'max err':>9}")
     for r in results:
-        print(f"{r['method']:<20} {r['seconds']:8.2f} {r['gb_per_s']:6.2f} "
-              f"{r['peak_rss_added_mib']:11.0f} MiB {r['max_abs_err']:9.1e}")
-    print(f"(N={args.n} snapshots of {args.mib} MiB float32, linear weights; inputs "
-          f"{results[0]['inputs_mib']:.0f} MiB held by both)")
+        print(
+            f"{r['method']:<20} {r['seconds']:8.2f} {r['gb_per_s']:6.2f} "
+            f"{r['peak_rss_added_mib']:11.0f} MiB {r['max_abs_err']:9.1e}"
+        )
+    print(
+        f"(N={args.n} snapshots of {args.mib} MiB float32, linear weights; inputs "
+        f"{results[0]['inputs_mib']:.0f} MiB held by both)"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

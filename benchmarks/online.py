@@ -122,9 +122,10 @@ def bench_torch(args: argparse.Namespace) -> float:
     dtype = getattr(torch, args.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(0)
+    float32_mb = args.mb * 4 / torch.empty((), dtype=dtype).element_size()
     a = {
         k: {n: torch.from_numpy(x).to(device=device, dtype=dtype) for n, x in v.items()}
-        for k, v in model_tree(args.mb, np.dtype(np.float32), rng).items()
+        for k, v in model_tree(float32_mb, np.dtype(np.float32), rng).items()
     }
     b = {k: {n: x + 1 for n, x in v.items()} for k, v in a.items()}
     dst = {k: {n: torch.empty_like(x) for n, x in v.items()} for k, v in a.items()}

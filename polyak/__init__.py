@@ -55,3 +55,7 @@ def __getattr__(name: str):
 
         return SnapshotDir
     raise AttributeError(f"module 'polyak' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"SnapshotDir"})

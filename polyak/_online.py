@@ -291,6 +291,9 @@ class Averager:
     def value(self) -> Any:
         """The current average, as a new pytree (later updates leave it alone).
 
+        Leaves are arrays of the snapshots' library, dtype and device; Python and numpy
+        scalar leaves come back as 0-d numpy arrays.
+
         Right after :meth:`load` and before any :meth:`update`, it is a flat dict of numpy
         arrays keyed by tensor name (the keys of a ``state_dict()``, or nested keys joined by
         ``"."``).
@@ -500,7 +503,7 @@ class Averager:
             raise PolyakError(f"{shown}: malformed Averager metadata: {err!r}") from None
         averager = cls(schedule, int_policy=int_policy)
         tensors = st.load(path)
-        if set(tensors) != set(dtypes) or count < 1:
+        if not isinstance(dtypes, dict) or set(tensors) != set(dtypes) or count < 1:
             raise PolyakError(
                 f"{shown}: the metadata names {sorted(dtypes)} with count {count}, but the "
                 f"file holds the tensors {sorted(tensors)}"

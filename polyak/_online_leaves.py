@@ -5,8 +5,9 @@ Three paths, picked by the accumulator's type:
 * numpy: updated in place, in cache-sized chunks through one reusable scratch buffer, so an
   update reads the snapshot and reads and writes the accumulator once, like a copy, and
   allocates nothing after the first;
-* torch (CPU or GPU): updated in place with one fused ``lerp_`` (or ``mul_`` and ``add_``
-  when the accumulator is wider than the snapshot), on the tensor's device;
+* torch (CPU or GPU): updated in place with one fused ``lerp_`` on the tensor's device; when
+  the average is wider than the snapshot (float32 for bf16), the snapshot is cast chunk by
+  chunk through a small scratch buffer on CPU, and as it is read by the kernel on GPUs;
 * any other array-API library (JAX, CuPy): new arrays each update, as JAX arrays are
   immutable.
 
@@ -164,8 +165,10 @@ def fold(acc: Any, x: Any, decay: float, int_policy: str, workspace: dict[Any, A
             acc.copy_(x)  # e.g. swa before its start: the average is the newest snapshot
         elif x.dtype == acc.dtype:
             acc.lerp_(x, weight)  # one fused pass
+        elif acc.device.type == "cpu":
+            _fold_torch_cpu_cast(acc, x, weight, workspace)
         else:
-            acc.mul_(decay).add_(x, alpha=weight)  # x is cast on the fly, no temporary
+            acc.mul_(decay).add_(x, alpha=weight)  # GPU kernels cast x as they read it
         return acc
     xp = namespace(acc)
     if decay == 0.0:
@@ -207,6 +210,24 @@ def _fold_numpy(
             np.add(a, s, out=a)
         else:
             _kernel.accumulate(a, xc, weight, s, first=False)
+
+
+def _fold_torch_cpu_cast(acc: Any, x: Any, weight: float, workspace: dict[Any, Any]) -> None:
+    # On CPU, torch casts a mixed-dtype operand (a bf16 snapshot into a float32 average) into
+    # a full-size temporary before the arithmetic; copy_ casts without one, so cast chunk by
+    # chunk into a small scratch buffer and lerp from there.
+    import torch
+
+    chunk = _kernel.CHUNK_ELEMENTS
+    scratch = workspace.get(("torch", acc.dtype))
+    if scratch is None:
+        scratch = workspace[("torch", acc.dtype)] = torch.empty(chunk, dtype=acc.dtype)
+    flat_acc, flat_x = acc.view(-1), x.reshape(-1)  # reshape copies only non-contiguous x
+    for start in range(0, flat_acc.numel(), chunk):
+        a = flat_acc[start : start + chunk]
+        s = scratch[: a.numel()]
+        s.copy_(flat_x[start : start + chunk])
+        a.lerp_(s, weight)
 
 
 def _fold_int(acc: Any, x: Any, int_policy: str) -> Any:

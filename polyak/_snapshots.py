@@ -48,7 +48,7 @@ class SnapshotDir:
         >>> import numpy as np, tempfile, polyak
         >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp(), keep=2)
         >>> for step in range(3):
-        ...     snaps.save({"w": np.full(2, float(step))}, step)
+        ...     path = snaps.save({"w": np.full(2, float(step))}, step)
         >>> snaps.steps()
         [1, 2]
         >>> snaps.average("equal")["w"]

@@ -20,20 +20,21 @@ import numpy as np
 
 __all__ = ["main", "COMMANDS", "add_schedule_arguments", "schedule_from_args"]
 
-# flag -> (keyword of polyak.schedules.get, type)
-_SCHEDULE_PARAMS: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "--alpha": ("alpha", float),
-    "--decay": ("decay", float),
-    "--last": ("k", int),
-    "--fraction": ("fraction", float),
-    "--start": ("start", int),
-    "--eta": ("eta", float),
-    "--gamma": ("gamma", float),
-    "--sigma-rel": ("sigma_rel", float),
-    "--inv-gamma": ("inv_gamma", float),
-    "--power": ("power", float),
-    "--min-decay": ("min_decay", float),
-}
+# flag -> (keyword of polyak.schedules.get, type, help)
+_SCHEDULE_PARAMS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--alpha": ("alpha", float, "exponential: each older checkpoint weighs exp(-1/ALPHA) of "
+                "the next (default 2)"),
+    "--decay": ("decay", float, "ema, ema_warmup: weight of the old average at each step"),
+    "--last": ("k", int, "tail: average only the last K checkpoints"),
+    "--fraction": ("fraction", float, "tail: average only the last FRACTION of checkpoints"),
+    "--start": ("start", int, "swa: 0-based index of the first checkpoint to average"),
+    "--eta": ("eta", float, "polynomial: decay(t) = 1 - (ETA + 1) / (t + ETA)"),
+    "--gamma": ("gamma", float, "power: EDM2 power-function EMA exponent"),
+    "--sigma-rel": ("sigma_rel", float, "power: relative EMA width, instead of --gamma"),
+    "--inv-gamma": ("inv_gamma", float, "ema_warmup: inverse multiplicative warmup factor"),
+    "--power": ("power", float, "ema_warmup: warmup exponent"),
+    "--min-decay": ("min_decay", float, "ema_warmup: smallest decay"),
+}  # fmt: skip
 # A parameter given without --schedule picks the schedule it belongs to.
 _IMPLIED = {
     "k": "tail",
@@ -66,11 +67,9 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool 
             help="schedule name: equal (default), linear, exponential, ema, tail, swa, "
             "polynomial, power, ema_warmup",
         )  # fmt: skip
-    for flag, (key, typ) in _SCHEDULE_PARAMS.items():
+    for flag, (key, typ, text) in _SCHEDULE_PARAMS.items():
         metavar = "K" if key == "k" else key.upper()
-        extra = " (the last K checkpoints: tail)" if key == "k" else ""
-        group.add_argument(flag, dest=f"sp_{key}", type=typ, metavar=metavar,
-                           help=f"schedule parameter {key}{extra}")  # fmt: skip
+        group.add_argument(flag, dest=f"sp_{key}", type=typ, metavar=metavar, help=text)
     group.add_argument(
         "--weights", default=None, metavar="W1,W2,...",
         help="explicit weights, one per checkpoint, oldest first (instead of a schedule)",
@@ -94,7 +93,7 @@ def schedule_from_args(args: argparse.Namespace) -> Any:
 
     params = {
         key: getattr(args, f"sp_{key}")
-        for key, _ in _SCHEDULE_PARAMS.values()
+        for key, _, _ in _SCHEDULE_PARAMS.values()
         if getattr(args, f"sp_{key}", None) is not None
     }
     name = args.schedule

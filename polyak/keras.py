@@ -255,6 +255,8 @@ class _RunningSum:
     Per element this is :func:`polyak.average`'s computation in the same order (the weights
     split into coefficients and one divisor by the kernel, weight-0 snapshots skipped, the
     first one assigned, the rest added, one division at the end), hence equal bit for bit.
+    Variables may come one at a time from an iterator, so that no full numpy copy of a model
+    is ever held besides the sums.
     """
 
     def __init__(self, divisor: float) -> None:
@@ -263,43 +265,43 @@ class _RunningSum:
         self.dtypes: list[np.dtype] = []
         self.sums: list[np.ndarray | None] = []
         self.newest: list[np.ndarray | None] = []  # int/bool variables: the newest is kept
-        self.scratch: dict[np.dtype, np.ndarray] = {}
+        self.scratch: dict[np.dtype, np.ndarray] = {}  # one per dtype, largest variable's size
 
-    def add(self, leaves: list[np.ndarray], w: float) -> None:
-        if not self.dtypes:
-            self._allocate(leaves)
+    def add(self, leaves: Iterable[np.ndarray], w: float) -> None:
         for j, x in enumerate(leaves):
+            x = np.asarray(x)
+            if j == len(self.sums):
+                self._allocate(x)
             acc = self.sums[j]
             if acc is None:
                 self.newest[j] = np.array(x, copy=True)
             elif w != 0:
                 scratch = self.scratch[acc.dtype][: acc.size].reshape(acc.shape)
-                _kernel.accumulate(acc, np.asarray(x), w, scratch, first=not self.started)
+                _kernel.accumulate(acc, x, w, scratch, first=not self.started)
         self.started = self.started or w != 0
 
-    def _allocate(self, leaves: list[np.ndarray]) -> None:
-        for x in leaves:
-            x = np.asarray(x)
-            self.dtypes.append(x.dtype)
-            if _kernel.dtype_kind(x.dtype) in ("float", "complex"):
-                acc = np.empty(x.shape, _kernel.accumulator_dtype(x.dtype))
-                self.sums.append(acc)
-                # One scratch buffer per accumulator dtype, as large as the largest variable.
-                if self.scratch.get(acc.dtype, np.empty(0)).size < acc.size:
-                    self.scratch[acc.dtype] = np.empty(acc.size, acc.dtype)
-            else:
-                self.sums.append(None)
-            self.newest.append(None)
+    def _allocate(self, x: np.ndarray) -> None:
+        self.dtypes.append(x.dtype)
+        self.newest.append(None)
+        if _kernel.dtype_kind(x.dtype) not in ("float", "complex"):
+            self.sums.append(None)
+            return
+        acc = np.empty(x.shape, _kernel.accumulator_dtype(x.dtype))
+        self.sums.append(acc)
+        if self.scratch.get(acc.dtype, np.empty(0)).size < acc.size:
+            self.scratch[acc.dtype] = np.empty(acc.size, acc.dtype)
 
     def result(self) -> list[np.ndarray]:
+        self.scratch.clear()
         out = []
         for acc, newest, dtype in zip(self.sums, self.newest, self.dtypes):
             if acc is None:
                 out.append(newest)
-            else:
-                final = np.empty(acc.shape, dtype)
-                _kernel.finalize(acc, final, self.divisor)
-                out.append(final)
+                continue
+            # float32/float64 variables are divided in place, as polyak.average does.
+            final = acc if acc.dtype == dtype else np.empty(acc.shape, dtype)
+            _kernel.finalize(acc, final, self.divisor)
+            out.append(final)
         return out
 
 
@@ -388,7 +390,8 @@ def average_files(
             ref, ref_label = layout, label
         else:
             _check_layout(layout, label, ref, ref_label)
-        total.add(current.get_weights(), float(coefficients[i]))
+        # One variable at a time: no numpy copy of the whole model.
+        total.add((v.numpy() for v in current.weights), float(coefficients[i]))
     current.set_weights(total.result())
     if current.compiled:
         # Loading restored the newest snapshot's optimizer state; it does not belong to the

@@ -46,6 +46,7 @@ ONLINE_SCHEDULES = [
     S.power(sigma_rel=0.1),
     S.ema_warmup(),
     S.ema_warmup(decay=0.9, power=1.0, min_decay=0.1),
+    S.explicit([0, 0, 1, 2, 3, 1, 1, 1, 1, 1, 1, 5]),  # online up to its 12 weights
 ]
 
 # Half-ulp of the output dtype (the one rounding of the average) plus room for the float32
@@ -81,8 +82,8 @@ def _close(got: np.ndarray, ref: np.ndarray, snapshots: list[np.ndarray], dtype:
 def test_every_online_factory_is_covered():
     # Non-vacuity: the fixed list holds every online factory, and every one is online.
     names = {s.name for s in ONLINE_SCHEDULES}
-    online = {"equal", "linear", "exponential", "ema", "swa", "polynomial", "power", "ema_warmup"}
-    assert online <= names
+    online = {"equal", "linear", "exponential", "ema", "swa", "polynomial", "power"}
+    assert online | {"ema_warmup", "explicit"} <= names
     assert all(s.online for s in ONLINE_SCHEDULES)
     assert not S.tail(2).online
 
@@ -97,6 +98,9 @@ def test_online_equals_offline_numpy(data, schedule):
     if len(trees) > 1 and data.draw(st.booleans()):
         # a long run, as in training: the same few snapshots again and again
         trees = [trees[i % len(trees)] for i in range(data.draw(st.integers(13, 40)))]
+    if data.draw(st.integers(0, 9)) == 0:  # explicit weights are online too, up to their count
+        n = len(trees)
+        schedule = S.explicit(data.draw(st.lists(st.floats(0.01, 10.0), min_size=n, max_size=n)))
     avg = polyak.Averager(schedule)
     for tree in trees:
         avg.update(tree)
@@ -283,6 +287,32 @@ def test_numpy_update_allocates_nothing_after_the_first():
     assert avg.count == 7
 
 
+def test_torch_update_allocates_nothing_after_the_first():
+    torch = pytest.importorskip("torch")
+    from torch.profiler import ProfilerActivity, profile
+
+    params = {
+        "f32": torch.randn(256, 1024, requires_grad=True),
+        "bf16": torch.randn(300_000).to(torch.bfloat16),  # averaged in a float32 buffer
+        "f64": torch.randn(50_000, dtype=torch.float64),
+        "count": torch.tensor(3),
+    }
+    avg = polyak.Averager(S.ema(0.9), int_policy="average")  # the int leaf folds in float64
+    avg.update(params)
+    avg.update(params)  # the second update creates the scratch buffer
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(3):
+            avg.update(params)
+    allocated = sum(max(e.cpu_memory_usage, 0) for e in prof.events())
+    assert allocated == 0, [
+        (e.name, e.cpu_memory_usage) for e in prof.events() if e.cpu_memory_usage > 0
+    ]
+    # the profiler does see allocations (non-vacuity)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        params["bf16"].to(torch.float32)
+    assert sum(max(e.cpu_memory_usage, 0) for e in prof.events()) >= 4 * 300_000
+
+
 # ---- resuming ----------------------------------------------------------------------------------
 
 
@@ -363,6 +393,38 @@ def test_resume_torch_is_bit_for_bit(via, tmp_path):
     for key in a:
         assert isinstance(b[key], torch.Tensor) and b[key].dtype == a[key].dtype
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("via", ["state_dict", "file"])
+def test_resume_jax_is_bit_for_bit(via, tmp_path):
+    jnp = pytest.importorskip("jax.numpy")
+    rng = np.random.default_rng(3)
+    snaps = [
+        {
+            "w": jnp.asarray(rng.normal(size=(6, 5)), jnp.bfloat16),
+            "b": jnp.asarray(rng.normal(size=5)),
+        }
+        for _ in range(12)
+    ]
+    schedule = S.power(sigma_rel=0.1)
+    straight = polyak.Averager(schedule)
+    for snap in snaps:
+        straight.update(snap)
+    first = polyak.Averager(schedule)
+    for snap in snaps[:5]:
+        first.update(snap)
+    if via == "state_dict":
+        resumed = polyak.Averager(schedule)
+        resumed.load_state_dict(first.state_dict())
+    else:
+        first.save(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+    for snap in snaps[5:]:
+        resumed.update(snap)
+    a, b = straight.value, resumed.value
+    for key in a:
+        assert type(b[key]) is type(snaps[0][key]) and b[key].dtype == a[key].dtype
+        assert np.asarray(a[key]).tobytes() == np.asarray(b[key]).tobytes(), key
 
 
 def test_save_is_readable_by_the_official_reader(tmp_path):
@@ -453,17 +515,37 @@ def test_dtype_kind_and_library_changes_are_errors():
         polyak.Averager().update({"s": np.array(["a"])})
 
 
-def test_int_policies():
-    snaps = [{"n": np.array([i, 2 * i]), "flag": np.array(i % 2 == 0)} for i in range(1, 6)]
+def _to_library(library):
+    if library == "numpy":
+        return np.asarray
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        return torch.as_tensor
+    jnp = pytest.importorskip("jax.numpy")
+    return jnp.asarray
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+def test_int_policies(library):
+    to = _to_library(library)
+    snaps = [
+        {"n": to(np.array([i, 2 * i, 7], np.int32)), "flag": to(np.array(i % 2 == 0))}
+        for i in range(1, 6)
+    ]
     for policy in ("last", "first", "average"):
         avg = polyak.Averager("linear", int_policy=policy)
         for snap in snaps:
             avg.update(snap)
         ref = polyak.average(snaps, "linear", int_policy=policy)
-        np.testing.assert_array_equal(avg.value["n"], ref["n"])
-        np.testing.assert_array_equal(avg.value["flag"], ref["flag"])
-        assert avg.value["n"].dtype == snaps[0]["n"].dtype
-    with pytest.raises(DtypeError, match=r"params\['flag'\]: bool leaf.*int_policy='error'"):
+        got = avg.value
+        assert type(got["n"]) is type(snaps[0]["n"]) and got["n"].dtype == snaps[0]["n"].dtype
+        np.testing.assert_array_equal(np.asarray(got["n"]), np.asarray(ref["n"]))
+        np.testing.assert_array_equal(np.asarray(got["flag"]), np.asarray(ref["flag"]))
+    # linear weights 1..5 / 15: sum_i w_i * i = 55/15 = 3.67 -> 4; 2i -> 7.33 -> 7
+    np.testing.assert_array_equal(np.asarray(got["n"]), [4, 7, 7])
+    with pytest.raises(
+        DtypeError, match=r"params\['flag'\]: (torch\.)?bool leaf.*int_policy='error'"
+    ):
         polyak.Averager(int_policy="error").update(snaps[0])
     with pytest.raises(PolyakError, match="int_policy"):
         polyak.Averager(int_policy="mean")
@@ -508,3 +590,13 @@ def test_ema_closed_form():
     n = len(xs)
     expected = d ** (n - 1) * xs[0] + sum((1 - d) * d ** (n - 1 - i) * xs[i] for i in range(1, n))
     assert math.isclose(float(avg.value[0]), float(expected[0]), rel_tol=1e-15)
+
+
+@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

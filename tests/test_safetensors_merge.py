@@ -368,3 +368,20 @@ def test_random_checkpoints_against_float64_reference(
         tol = scale * (eps + n * 2.0**-23) + float(ml_dtypes.finfo(dt).smallest_subnormal)
         assert got[name].dtype == dt and got[name].shape == ref.shape
         assert np.all(np.abs(got[name].astype(np.float64) - ref) <= tol), name
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_progress_reports_bytes_as_they_are_read(tmp_path, threads):
+    # 12 MiB tensors: two work items each, six in all, so progress comes in several steps.
+    paths, _ = _write_run(
+        str(tmp_path), 3, lambda i: {k: np.full(3 << 20, i, np.float32) for k in "abc"}
+    )
+    calls = []
+    report = pst.merge(
+        paths, str(tmp_path / "m.safetensors"), threads=threads,
+        progress=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
+    assert len(calls) >= 2
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and done[-1] == report.bytes_read == 9 * (12 << 20)
+    assert {t for _, t in calls} == {report.bytes_read}

@@ -8,6 +8,21 @@ exponential (alpha=2) averages of the newest n models' weights. Prints the table
 plot.
 
     KERAS_BACKEND=jax python docs/examples/keras_blobs.py --out keras_blobs.png
+
+One run (seed 1, Keras 3.15 on JAX, CPU) printed the following; the tutorial reports single
+models around 0.80-0.81 and averages around 0.81-0.815::
+
+     n   single        equal       linear  exponential
+     1    0.794        0.794        0.794        0.794
+     2    0.803        0.798        0.798        0.798
+     3    0.809        0.799        0.798        0.799
+     4    0.808        0.803        0.797        0.797
+     5    0.805        0.808        0.801        0.797
+     6    0.802        0.810        0.802        0.799
+     7    0.800        0.805        0.805        0.799
+     8    0.817        0.803        0.805        0.799
+     9    0.825        0.806        0.804        0.799
+    10    0.826        0.807        0.803        0.799
 """
 
 from __future__ import annotations

@@ -161,7 +161,15 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
-    """The ``__metadata__`` of a checkpoint (of its first shard), or None."""
+    """The ``__metadata__`` of a checkpoint (of its first shard), or None.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save({"a": np.ones(1)}, p, {"format": "np"})
+        >>> read_metadata(p)
+        {'format': 'np'}
+    """
     with Checkpoint(path) as ck:
         meta = ck.metadata
         return dict(meta) if meta is not None else None

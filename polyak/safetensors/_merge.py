@@ -343,7 +343,26 @@ def plan_merge(
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
 
-    Takes the arguments of :func:`merge_many`; raises what it would raise before writing.
+    Takes the arguments of :func:`merge_many` and raises what it would raise before writing;
+    ``polyak merge --dry-run`` prints the result.
+
+    Returns:
+        A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
+
+    Raises:
+        The errors of :func:`merge_many` short of writing: EmptyInputError, CheckpointError,
+        HeaderError, StructureError, WeightsError, DtypeError, OutputError.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> import polyak.safetensors as pst
+        >>> d = tempfile.mkdtemp()
+        >>> paths = [os.path.join(d, f"c{i}.safetensors") for i in range(2)]
+        >>> for p in paths:
+        ...     pst.save({"w": np.ones(1000, np.float32)}, p)
+        >>> plan = pst.plan_merge(paths, [os.path.join(d, "avg.safetensors")], [[1, 3]])
+        >>> plan.weights, plan.bytes_to_read
+        (((0.25, 0.75),), 8000)
     """
     parse_size(max_shard_size)  # validated like merge_many does
     with contextlib.ExitStack() as stack:
@@ -416,6 +435,18 @@ def merge_many(
         DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
         OutputError: an output would overwrite an input.
         OutputWriteError: the disk is full or the file too large; nothing is left behind.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> import polyak.safetensors as pst
+        >>> d = tempfile.mkdtemp()
+        >>> paths = [os.path.join(d, f"c{i}.safetensors") for i in range(3)]
+        >>> for i, p in enumerate(paths):
+        ...     pst.save({"w": np.full(2, float(i), np.float32)}, p)
+        >>> outs = [os.path.join(d, "last.safetensors"), os.path.join(d, "mean.safetensors")]
+        >>> reports = pst.merge_many(paths, outs, [[0, 0, 1], [1, 1, 1]])
+        >>> [float(pst.load(o)["w"][0]) for o in outs]
+        [2.0, 1.0]
     """
     t0 = time.perf_counter()
     shard_bytes = parse_size(max_shard_size)
@@ -475,9 +506,7 @@ def merge_many(
     seconds = time.perf_counter() - t0
     reports = []
     for out, wr, w, sched in zip(job.outputs, writers, job.weights, schedules, strict=True):
-        files = list(wr.paths)
-        if wr._index is not None:
-            files.append(wr._index[0])
+        files = wr.files
         reports.append(
             MergeReport(
                 output=out,

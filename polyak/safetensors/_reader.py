@@ -148,6 +148,17 @@ class Checkpoint:
     Raises:
         CheckpointError: the path does not exist or is not a checkpoint.
         HeaderError: a header or the index is malformed or inconsistent.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> from polyak.safetensors import save
+        >>> p = os.path.join(tempfile.mkdtemp(), "m.safetensors")
+        >>> save({"w": np.arange(10, dtype=np.float32)}, p)
+        >>> with Checkpoint(p) as ck:
+        ...     part = np.empty(3, np.float32)
+        ...     ck.read("w", 4, part)  # elements 4, 5, 6, straight from the file
+        ...     ck.info("w"), part
+        ((dtype('float32'), (10,)), array([4., 5., 6.], dtype=float32))
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -61,7 +61,7 @@ _TMPFILE_OK: dict[int, bool] = {}
 
 # Start writing dirty output pages back after this many bytes, so that the final fsync
 # waits only for the tail instead of the whole file.
-WRITEBACK_BYTES = 64 << 20
+WRITEBACK_BYTES = 32 << 20
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -273,6 +273,9 @@ class SafetensorsWriter:
             raise ValueError(f"bad write of {flat.size} elements at {elem_start} into {name!r}")
         self._file.pwrite(flat.view(np.uint8), off + elem_start * item)
 
+    def sync(self) -> None:
+        self._file.sync()
+
     def commit(self) -> None:
         self._file.commit()
 
@@ -385,6 +388,11 @@ class CheckpointWriter:
         self.nbytes = sum(w.size for w in self._writers)
         self.paths = [w.path for w in self._writers]
 
+    @property
+    def files(self) -> list[str]:
+        """Every file this writer produces: the shards, then the index (if any)."""
+        return self.paths + ([self._index[0]] if self._index is not None else [])
+
     def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
         self._route[name].write(name, elem_start, array)
 
@@ -393,9 +401,9 @@ class CheckpointWriter:
         try:
             # Sync everything before renaming anything, so a failure leaves no new shard.
             for w in self._writers:
-                w._file.sync()
+                w.sync()
             for w in self._writers:
-                w._file.commit()
+                w.commit()
             if self._index is not None:
                 index_path, index = self._index
                 data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
