@@ -385,3 +385,19 @@ def test_progress_reports_bytes_as_they_are_read(tmp_path, threads):
     done = [d for d, _ in calls]
     assert done == sorted(done) and done[-1] == report.bytes_read == 9 * (12 << 20)
     assert {t for _, t in calls} == {report.bytes_read}
+
+
+def test_rewriting_a_sharded_output_removes_its_old_shards(tmp_path):
+    paths, trees = _sharded_run(str(tmp_path), 2, np.random.default_rng(8))
+    out = tmp_path / "merged"
+    pst.merge(paths, str(out), max_shard_size="1KB")
+    assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 2
+    (out / "config.json").write_text("{}")  # not a shard: left alone
+    pst.merge(paths, str(out), "linear")  # the input's layout: two shards
+    assert sorted(os.listdir(out)) == [
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    _assert_bitwise(pst.load(str(out)), polyak.average(trees, "linear"))

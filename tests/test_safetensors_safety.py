@@ -195,3 +195,27 @@ def test_peak_rss_bounded_for_inputs_much_larger(tmp_path):
     assert np.allclose(sample, expected, rtol=1e-6, atol=0)
     for p in paths + [out]:
         os.unlink(p)
+
+
+def test_disk_full_mid_write_cleans_up(tmp_path, monkeypatch):
+    """ENOSPC from a write in the middle of the merge (a disk that fills up meanwhile)."""
+    import errno
+
+    from polyak.safetensors import _writer
+
+    paths = _inputs(str(tmp_path), 2, 300_000)
+    out = str(tmp_path / "merged.safetensors")
+    real_pwrite = os.pwrite
+    calls = [0]
+
+    def pwrite(fd, data, offset):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(_writer.os, "pwrite", pwrite)
+    with pytest.raises(pst.OutputWriteError, match="disk is full") as err:
+        pst.merge(paths, out, threads=2)
+    assert err.value.errno == errno.ENOSPC
+    assert sorted(os.listdir(tmp_path)) == ["in_0.safetensors", "in_1.safetensors"]

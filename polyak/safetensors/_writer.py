@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from polyak.safetensors._errors import OutputError, OutputWriteError
+from polyak.safetensors._format import MAX_HEADER_BYTES as MAX_INDEX_BYTES
 from polyak.safetensors._format import dtype_code, encode_header
 
 __all__ = [
@@ -305,6 +306,21 @@ def split_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
     return shards
 
 
+def _old_shards(index_path: str) -> list[str]:
+    """Shard names listed by an existing index (none if it is missing or unreadable)."""
+    try:
+        with open(index_path, "rb") as f:
+            weight_map = json.loads(f.read(MAX_INDEX_BYTES + 1)).get("weight_map", {})
+        names = set(weight_map.values())
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    return sorted(
+        n
+        for n in names
+        if isinstance(n, str) and n.endswith(".safetensors") and os.path.basename(n) == n
+    )
+
+
 class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
@@ -341,6 +357,7 @@ class CheckpointWriter:
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
         self._index: tuple[str, dict[str, Any]] | None = None
+        self._stale: list[str] = []
         by_name = {e[0]: e for e in entries}
         if self.single:
             if os.path.isdir(self.path):
@@ -376,6 +393,12 @@ class CheckpointWriter:
                 "weight_map": dict(sorted(weight_map.items())),
             }
             self._index = (index_path, index)
+            new = {os.path.basename(p) for p, _ in plan}
+            self._stale = [
+                os.path.join(self.path, f) for f in _old_shards(index_path) if f not in new
+            ]
+            for stale in self._stale:
+                check_not_input(stale, protect)
         try:
             for p, es in plan:
                 w = SafetensorsWriter(p, es, metadata)
@@ -417,6 +440,14 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
+        # Shards of the checkpoint this one replaced, which the new index no longer names
+        # (as Hugging Face's save_pretrained cleans up): left behind, they would be mistaken
+        # for part of the new checkpoint.
+        for stale in self._stale:
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
 
     def abort(self) -> None:
         for w in self._writers:
