@@ -11,7 +11,7 @@ Example:
     array([2., 2., 2.])
 """
 
-from polyak import schedules
+from polyak import posthoc, schedules, soup
 from polyak._average import average, weights
 from polyak._errors import (
     DtypeError,
@@ -36,6 +36,8 @@ __all__ = [
     "SnapshotDir",
     "schedules",
     "Schedule",
+    "posthoc",
+    "soup",
     "PolyakError",
     "EmptyInputError",
     "StructureError",

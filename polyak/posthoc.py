@@ -1,11 +1,12 @@
 """Post-hoc EMA: choose the length of a power-function EMA after training.
 
 During training, keep one or more power-function averages
-(:func:`polyak.schedules.power`) and save them every few steps with
-:class:`polyak.SnapshotDir`, which records the step ``t`` and the exponent ``gamma`` of each
-saved average. Afterwards, :func:`solve` finds the linear combination of the saved averages
-whose averaging profile is closest to that of any other power EMA, and :func:`reconstruct`
-writes that combination as a checkpoint, streaming over the snapshot files.
+(:func:`polyak.schedules.power`) and save them every few steps with :func:`save_snapshot`,
+which writes each to a :class:`polyak.SnapshotDir` with the averaging time ``t`` and the
+exponent ``gamma`` in the file's metadata. Afterwards, :func:`solve` finds the linear
+combination of the saved averages whose averaging profile is closest to that of any other
+power EMA, and :func:`reconstruct` writes that combination as a checkpoint, streaming over
+the snapshot files.
 
 The averaging profile of a power EMA with exponent :math:`\\gamma` taken at time :math:`t` is
 
@@ -56,6 +57,7 @@ __all__ = [
     "profile",
     "solve",
     "snapshot_metadata",
+    "save_snapshot",
     "find_snapshots",
     "reconstruct",
     "T_KEY",
@@ -116,7 +118,8 @@ def solve(
 
     Args:
         snapshots: The saved averages as ``(t, gamma)`` pairs: the step at which each was
-            saved and the exponent of its power EMA. No pair may appear twice.
+            saved and the exponent of its power EMA (> -0.5, which every ``sigma_rel`` in
+            range gives). No pair may appear twice.
         target_sigma_rel: Relative standard deviation of the wanted average's profile, in
             ``(0, 0.2887)``; a sequence gives several targets at once.
         target_t: Step at which the wanted average is taken; defaults to the largest ``t``
@@ -136,7 +139,7 @@ def solve(
             to zero or are not finite).
 
     Example:
-        >>> from polyak.schedules import power, sigma_rel_to_gamma
+        >>> from polyak.schedules import sigma_rel_to_gamma
         >>> snaps = [(t, sigma_rel_to_gamma(s)) for t in (500, 1000) for s in (0.05, 0.10)]
         >>> c = solve(snaps, 0.10)
         >>> np.round(c, 6) + 0.0  # the last snapshot is exactly the target
@@ -210,6 +213,11 @@ def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarr
                 f"snapshots[{i}] must be a (t, gamma) pair, got {pair!r}"
             ) from None
         t_f, g_f = _check_t_gamma(t, gamma, f"snapshots[{i}] t", f"snapshots[{i}] gamma")
+        if g_f <= -0.5:
+            # The profile tau**gamma is then not square-integrable at 0: no least squares.
+            raise ScheduleError(
+                f"snapshots[{i}] gamma must be > -0.5 for a least-squares fit, got gamma={gamma!r}"
+            )
         if (t_f, g_f) in seen:
             raise ScheduleError(
                 f"snapshots[{i}] (t={t_f:g}, gamma={g_f:g}) repeats snapshots[{seen[t_f, g_f]}]; "
@@ -250,6 +258,51 @@ def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
     """
     t_f, g_f = _check_t_gamma(t, gamma, "t", "gamma")
     return {T_KEY: repr(t_f), GAMMA_KEY: repr(g_f)}
+
+
+def save_snapshot(
+    snapshot_dir: str | os.PathLike[str] | Any, averager: Any, step: int | None = None
+) -> Path:
+    """Save a power-EMA :class:`polyak.Averager`'s average as a post-hoc snapshot.
+
+    Writes ``averager.value`` with :meth:`polyak.SnapshotDir.save`, recording the averager's
+    count as ``t`` and its schedule's ``gamma`` (:func:`snapshot_metadata`).
+
+    Args:
+        snapshot_dir: A :class:`polyak.SnapshotDir` or a directory path; keep one directory
+            per tracked EMA.
+        averager: An averager whose schedule is :func:`polyak.schedules.power`, updated
+            since the start of training.
+        step: The step in the file name; defaults to ``averager.count``.
+
+    Returns:
+        The path of the snapshot file.
+
+    Raises:
+        ScheduleError: the averager's schedule is not a power EMA.
+        EmptyInputError: the averager has seen no update yet.
+
+    Example:
+        >>> import numpy as np, tempfile, polyak
+        >>> ema = polyak.Averager(polyak.schedules.power(sigma_rel=0.1))
+        >>> ema.update({"w": np.ones(2, np.float32)})
+        >>> path = polyak.posthoc.save_snapshot(tempfile.mkdtemp(), ema)
+        >>> polyak.safetensors.read_metadata(path)["polyak.t"]
+        '1.0'
+    """
+    from polyak._snapshots import SnapshotDir
+
+    schedule = averager.schedule
+    if schedule.name != "power":
+        raise ScheduleError(
+            f"post-hoc snapshots hold power EMAs; this averager's schedule is {schedule!r} "
+            "(use polyak.schedules.power(sigma_rel=...))"
+        )
+    if averager.count == 0:
+        raise EmptyInputError("the averager has no average yet: update it before saving")
+    sd = snapshot_dir if isinstance(snapshot_dir, SnapshotDir) else SnapshotDir(snapshot_dir)
+    meta = snapshot_metadata(averager.count, schedule.params["gamma"])
+    return sd.save(averager.value, averager.count if step is None else step, metadata=meta)
 
 
 def find_snapshots(
@@ -357,12 +410,10 @@ def reconstruct(
         >>> for s in (0.05, 0.10):
         ...     avg = polyak.Averager(polyak.schedules.power(sigma_rel=s))
         ...     snaps = polyak.SnapshotDir(os.path.join(root, f"sigma-{s}"))
-        ...     gamma = avg.schedule.params["gamma"]
         ...     for step in range(1, 101):
         ...         avg.update({"w": np.full(3, float(step), np.float32)})
         ...         if step % 20 == 0:
-        ...             meta = polyak.posthoc.snapshot_metadata(avg.count, gamma)
-        ...             _ = snaps.save(avg.value, step, metadata=meta)
+        ...             _ = polyak.posthoc.save_snapshot(snaps, avg, step)
         >>> out = os.path.join(root, "ema-0.08.safetensors")
         >>> coef = polyak.posthoc.reconstruct(root, out, sigma_rel=0.08)
         >>> round(float(polyak.safetensors.load(out)["w"][0]), 1)

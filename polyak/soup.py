@@ -28,7 +28,7 @@ class SoupResult(NamedTuple):
 
     Attributes:
         params: The soup: the uniform average of the chosen candidates, as a pytree shaped
-            like the candidates (numpy leaves of the candidates' dtypes).
+            like the candidates, each leaf of its candidates' dtype and array library.
         members: Indices (into ``candidates``) of the chosen candidates, in the order they
             joined; the first is the best single candidate.
         scores: The soup's score after each step: ``scores[0]`` is the best single
@@ -68,8 +68,9 @@ def greedy(
     Args:
         candidates: Pytrees with one structure, shapes and dtypes, or checkpoint paths.
         evaluate: The held-out metric, ``evaluate(params) -> float``. It receives a
-            candidate as given (a path's loaded pytree) or a trial soup as a pytree with
-            numpy leaves. A NaN score counts as the worst possible.
+            candidate as given (a path as ``polyak.safetensors.load`` reads it: a flat dict of
+            numpy arrays) or a trial soup, a pytree like the candidates (torch/JAX leaves stay
+            torch/JAX). A NaN score counts as the worst possible.
         higher_is_better: ``False`` for a loss, ``True`` (the default) for an accuracy.
         int_policy: What to do with integer and bool leaves, which are not averaged by
             default; as in :func:`polyak.average`, except that the default ``"first"``
@@ -175,7 +176,7 @@ def _greedy(
 
 
 def _comparator(higher_is_better: bool) -> Callable[[float, float], bool]:
-    # "At least as well" (>=), as in the paper; NaN never qualifies.
+    # "At least as well" (>=), as in the paper. A NaN score never joins a real-scored soup.
     if higher_is_better:
         return lambda new, old: new >= old or (math.isnan(old) and not math.isnan(new))
     return lambda new, old: new <= old or (math.isnan(old) and not math.isnan(new))
@@ -341,12 +342,13 @@ class _RunningSum:
                 leaves.append(self._ints(j))
                 continue
             xp = self.ref.namespaces[j]
-            mean = self.sums[j] / self.count
             if xp is not None:
-                leaves.append(xp.astype(mean, self.ref.dtypes[j]))
+                leaves.append(xp.astype(self.sums[j] / self.count, self.ref.dtypes[j]))
             else:
+                # Sum of 1 * x_i, one division, one rounding: what polyak.average does with
+                # equal weights (kernel.split_weights), so the soup equals it bit for bit.
                 out = np.empty(self.ref.shapes[j], dtype=self.ref.dtypes[j])
-                _kernel.finalize(mean, out)
+                _kernel.finalize(self.sums[j].copy(), out, float(self.count))
                 leaves.append(out)
         return self.ref.treespec.unflatten(leaves)
 

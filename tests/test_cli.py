@@ -233,6 +233,6 @@ def test_demo_without_dir_cleans_up():
 
 def test_commands_registered_in_one_place():
     names = [c[0] for c in cli.COMMANDS]
-    assert names == ["merge", "inspect", "weights", "demo"]
+    assert names == ["merge", "inspect", "weights", "demo", "posthoc"]
     help_text = polyak_cmd("--help").stdout
     assert all(n in help_text for n in names)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import polyak
+import polyak.safetensors
 from polyak import posthoc
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError
 from polyak.schedules import gamma_to_sigma_rel, power, sigma_rel_to_gamma
@@ -185,6 +186,8 @@ def test_solve_bad_input_names_what_is_wrong():
         posthoc.solve([(10, 1.0), (20, float("nan"))], 0.08)
     with pytest.raises(ScheduleError, match=r"snapshots\[0\]"):
         posthoc.solve([(10, 1.0, 3)], 0.08)
+    with pytest.raises(ScheduleError, match=r"snapshots\[1\] gamma must be > -0.5"):
+        posthoc.solve([(10, 1.0), (20, -0.6)], 0.08)
     with pytest.raises(ScheduleError, match=r"snapshots\[2\].*snapshots\[0\]"):
         posthoc.solve([(10, 1.0), (20, 1.0), (10.0, 1.0)], 0.08)
     with pytest.raises(ScheduleError, match="target_t"):
@@ -363,3 +366,21 @@ def test_reconstruct_bad_input(small_run, tmp_path):
     with pytest.raises(PolyakError, match="output of a merge"):
         posthoc.reconstruct(mixed, tmp_path / "b.safetensors", sigma_rel=0.08)
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_save_snapshot_records_t_and_gamma_of_a_power_averager(tmp_path):
+    ema = polyak.Averager(power(sigma_rel=0.07))
+    with pytest.raises(EmptyInputError, match="update"):
+        posthoc.save_snapshot(tmp_path / "a", ema)
+    for i in range(7):
+        ema.update({"w": np.full(3, float(i), np.float32)})
+    path = posthoc.save_snapshot(tmp_path / "a", ema)
+    assert path.name == "snapshot-0000000007.safetensors"
+    [(found, t, gamma)] = posthoc.find_snapshots(tmp_path / "a")
+    assert found == path and t == 7.0
+    assert gamma == sigma_rel_to_gamma(0.07)  # exactly: written with repr
+    np.testing.assert_array_equal(polyak.safetensors.load(path)["w"], ema.value["w"])
+    posthoc.save_snapshot(polyak.SnapshotDir(tmp_path / "b"), ema, step=70)
+    assert polyak.SnapshotDir(tmp_path / "b").steps() == [70]
+    with pytest.raises(ScheduleError, match="power"):
+        posthoc.save_snapshot(tmp_path / "c", polyak.Averager(polyak.schedules.ema(0.9)))

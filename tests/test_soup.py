@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import weakref
 
 import ml_dtypes
@@ -11,6 +14,8 @@ import pytest
 import polyak
 from polyak import soup
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError, StructureError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --- a toy problem: softmax regression fine-tuned from one start, plus one diverged run ----
 
@@ -91,6 +96,10 @@ def test_greedy_soup_params_are_the_mean_of_its_members(toy):
         ref = np.mean([candidates[i][key].astype(np.float64) for i in result.members], axis=0)
         assert result.params[key].dtype == np.float32
         np.testing.assert_allclose(result.params[key], ref, rtol=2e-6, atol=1e-6)
+    # The same arithmetic as the core (members summed in join order, one division).
+    core = polyak.average([candidates[i] for i in result.members])
+    for key in ("w", "b"):
+        np.testing.assert_array_equal(result.params[key], core[key])
 
 
 def test_scores_are_one_per_step_and_never_get_worse(toy):
@@ -161,6 +170,9 @@ def test_bfloat16_leaves_accumulate_in_float32_and_keep_their_dtype():
     res = soup.greedy(cands, lambda p: 1.0)
     assert res.members == [0, 1, 2, 3]
     assert res.params["w"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(
+        res.params["w"].view(np.uint16), polyak.average(cands)["w"].view(np.uint16)
+    )
     ref = np.mean([c["w"].astype(np.float64) for c in cands], axis=0)
     # One rounding to bfloat16 (8 bits of mantissa) at the end, not one per addition.
     np.testing.assert_allclose(res.params["w"].astype(np.float64), ref, rtol=2**-8, atol=1e-30)
@@ -242,3 +254,46 @@ def test_bad_input_names_the_candidate_and_leaf(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(PolyakError, match="nope.safetensors"):
         soup.greedy([good, missing], lambda p: 1.0)
+
+
+_MEMORY_SCRIPT = """
+import gc, os, sys
+import numpy as np
+import psutil
+from polyak import safetensors as pst, soup
+
+folder, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+paths = [os.path.join(folder, f"cand{i}.safetensors") for i in range(n)]
+for p in paths:
+    pst.save({"w": rng.standard_normal(size, dtype=np.float32)}, p)
+pst.load(paths[0])  # warm up the reader's imports and buffers
+gc.collect()
+base = psutil.Process().memory_info().rss
+result = soup.greedy(paths, lambda p: float(p["w"][:4096].astype(np.float64).sum()))
+# VmHWM, the peak RSS of this process image: unlike ru_maxrss it does not carry over the
+# parent's (pytest's) peak from before exec.
+with open("/proc/self/status") as f:
+    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+print(peak - base, len(result.members))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux", reason="reads VmHWM from /proc/self/status")
+def test_soup_of_checkpoints_peak_memory_is_a_few_checkpoints_not_all(tmp_path):
+    pytest.importorskip("psutil")
+    n, size = 12, 4 * 2**20  # 12 checkpoints of 16 MiB
+    one = 4 * size
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_SCRIPT, str(tmp_path), str(n), str(size)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    for f in tmp_path.glob("*.safetensors"):
+        f.unlink()
+    assert proc.returncode == 0, proc.stderr
+    grown, members = (int(x) for x in proc.stdout.split())
+    # Running sum, trial sum, trial soup, one loaded candidate and temporaries: about four
+    # checkpoints, whatever n is; holding the candidates would take n = 12.
+    assert grown < 6 * one, f"peak grew by {grown / 2**20:.0f} MiB"

@@ -59,9 +59,7 @@ def train(root: str, *, steps: int, every: int, lr: float, seed: int = 0) -> dic
             avg.update(params)
         if step % every == 0:
             for s, d in dirs.items():
-                gamma = tracked[s].schedule.params["gamma"]
-                meta = posthoc.snapshot_metadata(tracked[s].count, gamma)
-                d.save(tracked[s].value, step, metadata=meta)
+                posthoc.save_snapshot(d, tracked[s], step)
     return {
         "final": params,
         "tracked": {s: avg.value for s, avg in tracked.items()},
