@@ -16,8 +16,8 @@ Methods:
 * ``torch_f64``: the state-dict loop of common checkpoint-averaging scripts (timm's
   ``avg_checkpoints.py``, fairseq's ``average_checkpoints.py``): load a state dict,
   accumulate in float64, cast back, save with ``safetensors.torch``.
-* ``read``: the physical reference: read every input byte (warm page cache) into one reused
-  buffer.
+* ``read``: the physical reference: read every input byte from a warm page cache into one
+  reused buffer (``read_throughput`` of ``benchmarks/merge.py``, best of three).
 * ``copyto``: the memory reference: ``np.copyto`` moving as many bytes as the inputs hold.
 * ``check``: not a contender: the float64 reference average of the inputs (read with the
   official reader) and the largest absolute error of every output against it.
@@ -141,15 +141,13 @@ def run_torch_f64(spec: dict[str, Any]) -> None:
 
 
 def run_read(spec: dict[str, Any]) -> None:
-    buf = memoryview(bytearray(64 << 20))
-    total = 0
-    for ckpt in spec["inputs"]:
-        for f in shard_files(ckpt):
-            with open(f, "rb", buffering=0) as fh:
-                while n := fh.readinto(buf):
-                    total += n
-    if total != spec["bytes"]:
-        raise RuntimeError(f"read {total} bytes, expected {spec['bytes']}")
+    # The same measurement as benchmarks/merge.py (issue 3's merge benchmark): a warm-up
+    # pass, then the best of three passes of large readinto calls into one reused buffer.
+    from benchmarks.merge import read_throughput
+
+    files = [f for ckpt in spec["inputs"] for f in shard_files(ckpt)]
+    bytes_per_s, _ = read_throughput(files, 3)
+    spec["_seconds"] = spec["bytes"] / bytes_per_s
 
 
 def run_copyto(spec: dict[str, Any]) -> None:
