@@ -1,7 +1,7 @@
 """Fail the build when a public name of polyak is not documented; list public names.
 
 ``api-table`` writes the one-line-per-name table of a module from its ``__all__`` (an
-autosummary), so the table cannot miss a name either:
+autosummary; for MyST pages), so the table cannot miss a name either:
 
     ```{api-table} polyak.schedules
     ```
@@ -59,9 +59,12 @@ class ApiTable(SphinxDirective):
     required_arguments = 1
 
     def run(self) -> list[nodes.Node]:
+        # The pages are MyST Markdown, and nested content is parsed by the page's parser;
+        # autosummary writes its table cells in reStructuredText, hence eval-rst.
         module = self.arguments[0]
-        lines = [".. autosummary::", "   :nosignatures:", ""]
+        lines = ["```{eval-rst}", ".. autosummary::", "   :nosignatures:", ""]
         lines += [f"   {name}" for name in public_names(module)]
+        lines += ["```"]
         container = nodes.container()
         self.state.nested_parse(StringList(lines, source=f"api-table {module}"), 0, container)
         return container.children
