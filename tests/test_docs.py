@@ -191,3 +191,7 @@ def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
     assert len(plots) >= 10, plots
     api = (html / "api" / "polyak.html").read_text()
     assert 'id="polyak.average"' in api
+    # The one-line-per-name tables are rendered, not shown as source.
+    for page in (html / "api").glob("*.html"):
+        text = page.read_text()
+        assert ":py:obj:" not in text and ".. autosummary" not in text, page.name
