@@ -82,17 +82,23 @@ def merge_cases(args: argparse.Namespace) -> list[Case]:
     f32 = FileSet(args.mib)
     small = FileSet(args.mib_32)
     bf16 = FileSet(args.mib, "bfloat16")
+    bf16_small = FileSet(args.mib_32, "bfloat16")
     sharded = FileSet(args.mib, shard_mib=max(1, args.mib // 4))
     every = CONTENDERS
     cases = [
         Case("f32 N=2", f32, 2, every),
         Case("f32 N=8", f32, 8, every),
         Case("f32 N=32", small, 32, every),
+        Case("bf16 N=2", bf16, 2, every),
         Case("bf16 N=8", bf16, 8, every),
+        Case("bf16 N=32", bf16_small, 32, every),
         Case("f32 N=8 sharded", sharded, 8, every),
     ]
     if args.mib_32 != args.mib:
-        cases[2].notes.append(f"N=32 uses {args.mib_32} MiB files to stay within the disk budget")
+        cases[2].notes.append(
+            f"the N=32 cases use {args.mib_32} MiB files (--mib-32) to stay within the disk "
+            "budget; the *inputs* column gives every case's sizes"
+        )
     if args.cases:
         unknown = sorted(set(args.cases) - {c.name for c in cases})
         if unknown:
@@ -156,6 +162,7 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
             "dtype": case.files.dtype,
             "sharded": case.files.shard_mib is not None,
             "bytes": nbytes,
+            "inputs": f"{case.n} × {case.files.label}",
         }
         need = estimate_peak(method, case)
         if method == "torch float64 loop" and importlib.util.find_spec("torch") is None:
@@ -281,6 +288,7 @@ def run_memory(args: argparse.Namespace) -> list[dict]:
         rows.append(
             {
                 "case": f"in-memory N={args.memory_n}",
+                "inputs": f"{args.memory_n} × {args.memory_mib} MiB float32 trees",
                 "method": label,
                 "n": args.memory_n,
                 "mib": args.memory_mib,
@@ -311,7 +319,8 @@ def run_online(args: argparse.Namespace) -> list[dict]:
         for method, key in (("Averager.update (ema)", "update_s"), ("np.copyto", "copy_s")):
             rows.append(
                 {
-                    "case": f"online {dtype} {args.online_mb:g} MB",
+                    "case": f"online {dtype}",
+                    "inputs": f"{args.online_mb:g} MB tree",
                     "method": method,
                     "dtype": dtype,
                     "bytes": r["bytes"],
@@ -375,16 +384,20 @@ def _error(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     """The results as a Markdown table (also what the terminal shows)."""
     head = (
-        "| case | method | seconds | GB/s | of read | peak RSS (MiB) | max error |\n"
-        "|---|---|---:|---:|---:|---:|---:|"
+        "| case | inputs | method | seconds | GB/s | of read | peak RSS (MiB) | max error |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['case']} | {r['method']} | skipped: {r['skipped']} | | | | |")
+            lines.append(
+                f"| {r['case']} | {r.get('inputs', '')} | {r['method']} | "
+                f"skipped: {r['skipped']} | | | | |"
+            )
             continue
         lines.append(
-            f"| {r['case']} | {r['method']} | {_fmt(r, 'seconds', '.3g')} | "
+            f"| {r['case']} | {r.get('inputs', '')} | {r['method']} | "
+            f"{_fmt(r, 'seconds', '.3g')} | "
             f"{_fmt(r, 'gb_per_s', '.2f')} | {_fmt(r, 'of_read', '.0%')} | "
             f"{_fmt(r, 'peak_rss_mib', '.0f')} | {_error(r)} |"
         )

@@ -80,7 +80,7 @@ def test_quick_run_writes_the_tables_and_checks_every_method(tmp_path: Path) -> 
     scaling = results["scaling"]
     assert {r["axis"] for r in scaling} == {"n", "size"}
     md = (out / "RESULTS.md").read_text()
-    assert "| case | method | seconds |" in md and "memory_scaling.png" in md
+    assert "| case | inputs | method | seconds |" in md and "memory_scaling.png" in md
     assert (out / "memory_scaling.png").stat().st_size > 10_000
     # Generated checkpoints are cleaned up as their cases finish.
     assert not list(work.rglob("*.safetensors"))
