@@ -11,6 +11,8 @@ Example:
     array([2., 2., 2.])
 """
 
+import importlib
+
 from polyak import posthoc, schedules, soup
 from polyak._average import average, weights
 from polyak._errors import (
@@ -49,15 +51,20 @@ __all__ = [
 ]
 
 
+# Adapters load on first use (``polyak.safetensors.merge``, ``polyak.keras``), so that
+# ``import polyak`` imports no framework and no file-format code.
+_LAZY_MODULES = ("safetensors", "keras", "cli")
+
+
 def __getattr__(name: str):
-    # SnapshotDir reads and writes safetensors files: load that adapter only when asked for,
-    # so that ``import polyak`` stays light.
     if name == "SnapshotDir":
         from polyak._snapshots import SnapshotDir
 
         return SnapshotDir
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"polyak.{name}")
     raise AttributeError(f"module 'polyak' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"SnapshotDir"})
+    return sorted(set(globals()) | {"SnapshotDir", *_LAZY_MODULES})
