@@ -6,11 +6,12 @@
 
 Sections (``--only`` picks some):
 
-* ``merge``: N safetensors checkpoints (N = 2, 8 at ``--mib``; N = 32 at ``--mib-32``; a
-  bfloat16 case; a sharded case) merged by ``polyak.safetensors.merge`` with 1 and 2 threads,
-  against the tutorial recipe, the official reader with accumulation, the torch float64
-  state-dict loop, and the physical references (warm-cache read, ``np.copyto``).
-* ``scaling``: peak RSS of the merge as N and the file size grow, plotted to ``--plot``.
+* ``merge``: N safetensors checkpoints (N = 2, 8 at ``--mib``, N = 32 at ``--mib-32``;
+  float32 and bfloat16; a sharded case) merged by ``polyak.safetensors.merge`` with 1 and 2
+  threads, against the tutorial recipe, the official reader with accumulation, the torch
+  float64 state-dict loop, and the physical references (warm-cache read, ``np.copyto``).
+* ``scaling``: peak RSS of the merge as N and the file size grow, plotted to
+  ``memory_scaling.png``.
 * ``memory``: in-memory ``polyak.average`` against stacked ``np.average``
   (``benchmarks/average.py``).
 * ``online``: ``Averager.update`` against ``np.copyto`` (``benchmarks/online.py``).
@@ -18,7 +19,9 @@ Sections (``--only`` picks some):
 Every method runs in its own subprocess; its peak RSS is the kernel's count for that child
 (``os.wait4``), its error the largest absolute difference from a float64 average computed
 with the official ``safetensors`` reader. Generated files live in ``--workdir`` (a temporary
-directory by default) and are deleted as soon as their cases are done.
+directory by default) and are deleted as soon as their cases are done. The results go to
+``--out`` (``benchmarks/`` by default): ``RESULTS.md``, ``results.json`` and
+``memory_scaling.png``.
 """
 
 from __future__ import annotations
