@@ -15,7 +15,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["namespace", "detach", "is_numpy_like"]
+__all__ = ["namespace", "detach", "is_numpy_like", "widest_float"]
 
 
 def is_numpy_like(x: Any) -> bool:
@@ -37,3 +37,13 @@ def detach(x: Any) -> Any:
     if array_api_compat.is_torch_array(x) and x.requires_grad:
         return x.detach()
     return x
+
+
+def widest_float(xp: ModuleType) -> Any:
+    """float64 where the library has it; JAX without ``jax_enable_x64`` only has float32."""
+    if array_api_compat.is_jax_namespace(xp):
+        import jax  # already imported: the leaf is a JAX array
+
+        if not jax.config.jax_enable_x64:
+            return xp.float32
+    return xp.float64

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from polyak import _kernel, _tree
-from polyak._arrays import detach, namespace
+from polyak._arrays import detach, namespace, widest_float
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError
 from polyak.schedules import resolve
 
@@ -255,7 +255,8 @@ def _average_leaf_xp(
             return xp.asarray(chosen, copy=True)
         if int_policy == "error":
             _kernel.combine_ints([np.zeros(0)], w, "error", at(len(xs) - 1))
-        acc = sum(float(wi) * xp.astype(x, xp.float64) for x, wi in zip(xs, w) if wi != 0)
+        wide = widest_float(xp)
+        acc = sum(float(wi) * xp.astype(x, wide) for x, wi in zip(xs, w) if wi != 0)
         rounded = xp.round(xp.asarray(acc))
         if xs[-1].dtype == xp.bool:
             return rounded != 0

@@ -146,6 +146,14 @@ def accumulate(
     before the multiply, so a low-precision product is never rounded. ``scratch`` has the
     shape and dtype of ``acc``; no memory is allocated.
     """
+    if w == 1.0:
+        # Equal-weight merges (equal, tail, swa) have unit coefficients: one pass, not two,
+        # and the same bits, since 1 * x is exact.
+        if first:
+            np.copyto(acc, x, casting="same_kind")
+        else:
+            np.add(acc, x, out=acc, dtype=acc.dtype)
+        return
     wt = acc.dtype.type(w)
     if first:
         np.multiply(x, wt, out=acc, dtype=acc.dtype)

@@ -272,7 +272,7 @@ class _Job:
         self.threads = _default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise PolyakError(f"threads must be >= 1, got threads={threads!r}")
-        self.chunk_elements = chunk_elements or _kernel.CHUNK_ELEMENTS
+        self.chunk_elements = chunk_elements or _stream.CHUNK_ELEMENTS
         n = len(self.inputs)
         self.weights = []
         for w in weight_vectors:
@@ -422,7 +422,7 @@ def merge_many(
         progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
         max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
         schedules: per output, the schedule recorded in the metadata (else "explicit").
-        chunk_elements: inner chunk length (default: cache-sized).
+        chunk_elements: elements per read-and-accumulate step (default 512 Ki).
 
     Returns:
         One :class:`MergeReport` per output.
