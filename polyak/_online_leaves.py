@@ -7,7 +7,8 @@ Three paths, picked by the accumulator's type:
   allocates nothing after the first;
 * torch (CPU or GPU): updated in place with one fused ``lerp_`` on the tensor's device; when
   the average is wider than the snapshot (float32 for bf16), the snapshot is cast chunk by
-  chunk through a small scratch buffer on CPU, and as it is read by the kernel on GPUs;
+  chunk through a small scratch buffer on CPU, and as it is read by the kernel on GPUs
+  (except float8, which torch does not promote: it is cast into a temporary first);
 * any other array-API library (JAX, CuPy): new arrays each update, as JAX arrays are
   immutable.
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from polyak import _kernel
-from polyak._arrays import detach, namespace
+from polyak._arrays import detach, namespace, widest_float
 from polyak._errors import DtypeError, ShapeError
 
 __all__ = [
@@ -87,7 +88,7 @@ def _acc_dtype(x: Any, leaf_kind: str, int_policy: str) -> Any:
     else:
         lib = namespace(x)
     if leaf_kind == "int":
-        return lib.float64 if int_policy == "average" else x.dtype
+        return widest_float(lib) if int_policy == "average" else x.dtype
     if leaf_kind == "complex":
         return lib.complex128 if x.dtype == lib.complex128 else lib.complex64
     return lib.float64 if x.dtype == lib.float64 else lib.float32
@@ -118,11 +119,19 @@ def first(x: Any, int_policy: str, path: str) -> Any:
     return namespace(x).astype(x, dtype, copy=True)
 
 
-def _array_type(x: Any) -> str:
-    name = f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
+def _placement(x: Any) -> Any:
+    """What must stay the same from snapshot to snapshot: the array type, and for torch the
+    device. Any torch tensor counts as one type: a frozen ``nn.Parameter`` (not detached,
+    as it needs no grad) and the plain tensor its average is kept in must match."""
     if _is_torch(x):
-        name += f" on {x.device}"
-    return name
+        return ("torch", x.device)
+    return type(x)
+
+
+def _array_type(x: Any) -> str:
+    if _is_torch(x):
+        return f"torch.Tensor on {x.device}"
+    return f"{type(x).__module__.split('.')[0]}.{type(x).__name__}"
 
 
 def check(acc: Any, x: Any, first_dtype: Any, path: Callable[[], str]) -> None:
@@ -144,7 +153,7 @@ def check(acc: Any, x: Any, first_dtype: Any, path: Callable[[], str]) -> None:
         )
     # Converting to another library or device at every step would copy the parameters off
     # their device, which online averaging exists to avoid: a change is an error.
-    if _array_type(x) != _array_type(acc):
+    if _placement(x) != _placement(acc):
         raise DtypeError(
             f"{path()}: a {_array_type(x)}, but the average is kept as a {_array_type(acc)} "
             "(like the first snapshot); pass every snapshot as the same array type and device"
@@ -168,7 +177,7 @@ def fold(acc: Any, x: Any, decay: float, int_policy: str, workspace: dict[Any, A
         elif acc.device.type == "cpu":
             _fold_torch_cpu_cast(acc, x, weight, workspace)
         else:
-            acc.mul_(decay).add_(x, alpha=weight)  # GPU kernels cast x as they read it
+            _fold_torch_device_cast(acc, x, decay, weight)
         return acc
     xp = namespace(acc)
     if decay == 0.0:
@@ -228,6 +237,15 @@ def _fold_torch_cpu_cast(acc: Any, x: Any, weight: float, workspace: dict[Any, A
         s = scratch[: a.numel()]
         s.copy_(flat_x[start : start + chunk])
         a.lerp_(s, weight)
+
+
+def _fold_torch_device_cast(acc: Any, x: Any, decay: float, weight: float) -> None:
+    # Accelerator kernels cast a mixed-dtype operand as they read it, so no temporary; but
+    # torch refuses to promote float8 with anything ("Promotion for Float8 Types is not
+    # supported"), so float8 snapshots are cast to the accumulator's dtype first.
+    if x.dtype.is_floating_point and x.dtype.itemsize == 1:
+        x = x.to(acc.dtype)
+    acc.mul_(decay).add_(x, alpha=weight)
 
 
 def _fold_int(acc: Any, x: Any, int_policy: str) -> Any:

@@ -56,12 +56,14 @@ class SnapshotDir:
     """
 
     def __init__(self, path: str | os.PathLike[str], keep: int | None = None) -> None:
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int) or keep < 1):
+        if keep is not None and (
+            isinstance(keep, bool) or not hasattr(keep, "__index__") or int(keep) < 1
+        ):
             raise PolyakError(f"keep must be a positive int or None, got keep={keep!r}")
         self._path = Path(path)
         if self._path.exists() and not self._path.is_dir():
             raise PolyakError(f"SnapshotDir path {str(self._path)!r} is a file, not a directory")
-        self._keep = keep
+        self._keep = None if keep is None else int(keep)  # numpy ints too, as for steps
 
     @property
     def path(self) -> Path:
@@ -133,6 +135,10 @@ class SnapshotDir:
     def paths(self) -> list[Path]:
         """The snapshot files, oldest first (by step, not by file name).
 
+        Returns:
+            The paths of the ``snapshot-<step>.safetensors`` files; ``[]`` when the directory
+            does not exist yet.
+
         Example:
             >>> import tempfile, polyak
             >>> polyak.SnapshotDir(tempfile.mkdtemp()).paths()
@@ -141,7 +147,19 @@ class SnapshotDir:
         return [path for _, path in self._entries()]
 
     def steps(self) -> list[int]:
-        """The saved steps, in increasing order."""
+        """The saved steps, in increasing order.
+
+        Returns:
+            The steps of :meth:`paths`, as ints.
+
+        Example:
+            >>> import numpy as np, tempfile, polyak
+            >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp())
+            >>> for step in (100, 20):
+            ...     _ = snaps.save({"w": np.zeros(1)}, step)
+            >>> snaps.steps(), len(snaps)
+            ([20, 100], 2)
+        """
         return [step for step, _ in self._entries()]
 
     def __len__(self) -> int:
@@ -150,8 +168,21 @@ class SnapshotDir:
     def metadata(self, step: int) -> dict[str, str]:
         """The metadata stored with the snapshot of ``step`` (with ``"polyak.step"``).
 
+        Args:
+            step: A saved step.
+
+        Returns:
+            The file's string-to-string ``__metadata__``.
+
         Raises:
-            PolyakError: no snapshot of that step.
+            PolyakError: ``step`` is not an int >= 0, or no snapshot of that step.
+
+        Example:
+            >>> import numpy as np, tempfile, polyak
+            >>> snaps = polyak.SnapshotDir(tempfile.mkdtemp())
+            >>> _ = snaps.save({"w": np.zeros(1)}, 7, metadata={"epoch": "3"})
+            >>> snaps.metadata(7)
+            {'epoch': '3', 'polyak.step': '7'}
         """
         from polyak import safetensors as st
 
@@ -175,7 +206,8 @@ class SnapshotDir:
                 including schedules with no online form, such as ``tail(k)``.
             output: Where to write the average as a safetensors file, merged tensor by
                 tensor (streaming) so that memory stays bounded; ``None`` averages in memory
-                and returns the result.
+                and returns the result, loading only the snapshots the schedule gives a
+                weight (and the oldest and newest, for the int policy).
             int_policy: For int/bool tensors, as in :func:`polyak.average`.
 
         Returns:
@@ -202,9 +234,19 @@ class SnapshotDir:
             raise EmptyInputError(f"{str(self._path)!r} holds no snapshot to average")
         if output is not None:
             return _merge(paths, output, schedule, int_policy)
-        from polyak._average import average
+        from polyak._average import average, weights
 
-        return average([st.load(p) for p in paths], schedule, int_policy=int_policy)
+        # polyak.average never reads a weight-0 snapshot's data but checks its structure,
+        # shapes and dtypes: give it those from the file header, as zero-memory broadcast
+        # views, so that tail(k) over a long run loads k files, not all of them. The first
+        # and the newest are loaded whatever their weight (the "first"/"last" int policies).
+        w = weights(schedule, len(paths))
+        last = len(paths) - 1
+        trees = [
+            st.load(path) if w[i] != 0 or i in (0, last) else _header_only(path)
+            for i, path in enumerate(paths)
+        ]
+        return average(trees, schedule, int_policy=int_policy)
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"
@@ -215,6 +257,20 @@ def _merge(paths: list[Path], output: Any, schedule: Any, int_policy: str) -> Pa
 
     st.merge(paths, output, schedule, int_policy=int_policy)
     return Path(output)
+
+
+def _header_only(path: Path) -> dict[str, Any]:
+    """The tensors of ``path`` with their dtypes and shapes but no data (read-only views of
+    one zero), for snapshots whose data an average does not read."""
+    import numpy as np
+
+    from polyak import safetensors as st
+
+    with st.Checkpoint(path) as ck:
+        return {
+            name: np.broadcast_to(np.zeros((), dtype), shape)
+            for name, (dtype, shape) in ((name, ck.info(name)) for name in ck.keys())
+        }
 
 
 def _check_step(step: Any) -> int:

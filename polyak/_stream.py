@@ -32,6 +32,7 @@ __all__ = [
     "plan",
     "run",
     "buffer_bytes",
+    "int_inputs",
     "SPAN_BYTES",
     "CHUNK_ELEMENTS",
 ]
@@ -179,6 +180,18 @@ def _check_weights(weight_vectors: Sequence[np.ndarray], n: int) -> list[np.ndar
     return out
 
 
+def int_inputs(weight_vectors: Sequence[np.ndarray], n: int, int_policy: str) -> list[int]:
+    """The inputs an integer/bool tensor is read from: the newest for ``"last"``, the oldest
+    for ``"first"``, and for ``"average"`` those with a nonzero weight in some vector (the
+    newest alone when there are none: it gives the dtype of the all-zero result)."""
+    if int_policy == "last":
+        return [n - 1]
+    if int_policy == "first":
+        return [0]
+    used = [i for i in range(n) if any(w[i] != 0 for w in weight_vectors)]
+    return used or [n - 1]
+
+
 def _sub_elements(plans: Sequence[TensorPlan], chunk_elements: int) -> int:
     return max(1, min(chunk_elements, max((p.size for p in plans), default=1)))
 
@@ -217,7 +230,8 @@ def run(
         writers: one per weight vector, laid out for ``plans``.
         weight_vectors: float64 weights (already normalised as wanted), one per writer. An
             input whose weight is 0 in every vector is never read, as in
-            :func:`polyak.average`.
+            :func:`polyak.average`; integer tensors read only the inputs of
+            :func:`int_inputs`.
         plans: from :func:`plan`.
         int_policy: as in :func:`polyak.average`.
         threads: worker threads (1 runs in the calling thread).
@@ -292,20 +306,25 @@ def run(
                     writers[k].write(p.name, s, out)
         return nread
 
+    # Integer tensors read only the inputs the policy looks at (the newest for "last"), as
+    # polyak.average's result depends on no other; the weights follow the inputs read.
+    int_read = int_inputs(ws, n, int_policy)
+    int_ws = [w[int_read] for w in ws]
+
     def int_span(p: TensorPlan, start: int, stop: int) -> int:
-        # One slice per input, so the slices shrink as N grows and memory stays bounded.
-        step = max(1, sub // n)
+        # One slice per input read, so the slices shrink as N grows and memory stays bounded.
+        step = max(1, sub // len(int_read))
+        where = f"{labels[-1]}: tensor {p.name!r}"
         nread = 0
         for s in range(start, stop, step):
             m = min(step, stop - s)
             xs = []
-            for i in range(n):
+            for i in int_read:
                 x = np.empty(m, p.dtype)
                 readers[i].read(p.name, s, x)
                 nread += x.nbytes
                 xs.append(x)
-            for k, w in enumerate(ws):
-                where = f"{labels[-1]}: tensor {p.name!r}"
+            for k, w in enumerate(int_ws):
                 out = _kernel.combine_ints(xs, w, int_policy, where)
                 writers[k].write(p.name, s, np.asarray(out, p.out_dtype))
         return nread

@@ -53,7 +53,26 @@ class CliError(Exception):
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
-    """Add ``--schedule`` (or a positional SCHEDULE), its parameters and ``--weights``."""
+    """Add ``--schedule`` (or a positional SCHEDULE), its parameters and ``--weights``.
+
+    The parameter flags (``--decay``, ``--last``, ...) come from one table shared by every
+    subcommand; :func:`schedule_from_args` turns the parsed values into a schedule.
+
+    Args:
+        parser: the (sub)command parser to extend, in a group titled "schedule".
+        positional: take the schedule name as an optional positional argument (``polyak
+            weights ema``) instead of ``-s/--schedule``.
+
+    Raises:
+        argparse.ArgumentError: ``parser`` already has one of these flags.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p)
+        >>> schedule_from_args(p.parse_args(["--decay", "0.9"]))
+        ema(decay=0.9)
+    """
     group = parser.add_argument_group("schedule")
     if positional:
         group.add_argument(
@@ -88,7 +107,31 @@ def _parse_weights(text: str) -> list[float]:
 
 
 def schedule_from_args(args: argparse.Namespace) -> Any:
-    """The schedule the arguments describe (a :class:`polyak.Schedule`)."""
+    """The schedule the arguments describe (a :class:`polyak.Schedule`).
+
+    A parameter given without a schedule name picks the schedule it belongs to (``--last 3``
+    is ``tail``); comma-separated numbers in place of a name are explicit weights.
+
+    Args:
+        args: parsed arguments of a parser set up by :func:`add_schedule_arguments`.
+
+    Returns:
+        The schedule; ``equal`` when nothing is given.
+
+    Raises:
+        CliError: ``--weights`` together with a schedule, parameters of different schedules,
+            a flag the schedule does not take, or a required one missing (naming the flags).
+        ScheduleError: a parameter value out of range (from :func:`polyak.schedules.get`).
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p, positional=True)
+        >>> schedule_from_args(p.parse_args(["linear"]))
+        linear()
+        >>> schedule_from_args(p.parse_args(["--last", "3"]))
+        tail(k=3)
+    """
     from polyak import schedules
 
     params = {
@@ -111,7 +154,34 @@ def schedule_from_args(args: argparse.Namespace) -> Any:
                 f"parameters {sorted(params)} belong to different schedules; pass --schedule"
             )
         name = implied.pop() if implied else "equal"
+    _check_schedule_params(name, params)
     return schedules.get(name, **params)
+
+
+def _check_schedule_params(name: str, params: dict[str, Any]) -> None:
+    """Name the flags when parameters do not fit the schedule (the factory's TypeError names
+    keyword arguments, which a command-line user never typed)."""
+    import inspect
+
+    from polyak import schedules
+
+    key = name.strip().lower().replace("-", "_")
+    if key == "explicit":
+        raise CliError("for explicit weights, pass --weights W1,W2,... (one per checkpoint)")
+    if key not in schedules.names():
+        return  # schedules.get names the known ones
+    flags = {k: flag for flag, (k, _, _) in _SCHEDULE_PARAMS.items()}
+    sig = inspect.signature(getattr(schedules, key))
+    takes = [p for p in sig.parameters.values() if p.name in flags]
+    wrong = sorted(flags[k] for k in params if k not in sig.parameters)
+    if wrong:
+        accepted = ", ".join(flags[p.name] for p in takes) or "no parameters"
+        raise CliError(
+            f"{', '.join(wrong)} does not apply to schedule {key!r} (it takes {accepted})"
+        )
+    missing = [flags[p.name] for p in takes if p.default is p.empty and p.name not in params]
+    if missing:
+        raise CliError(f"schedule {key!r} needs {', '.join(missing)}")
 
 
 def _is_number(text: str) -> bool:
@@ -146,7 +216,16 @@ def _weights_table(
 
 
 # -- merge ------------------------------------------------------------------------------------
+_MERGE_EXAMPLES = """examples:
+  polyak merge run/epoch_*.safetensors -o avg.safetensors
+  polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule ema --decay 0.9 --dtype bf16
+  polyak merge a.safetensors b.safetensors -o avg.safetensors --weights 1,3 --dry-run
+"""
+
+
 def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.epilog = _MERGE_EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "inputs",
         nargs="+",
@@ -161,20 +240,37 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
         help="output: a .safetensors file, or a directory for a sharded checkpoint",
     )
     add_schedule_arguments(p)
-    p.add_argument("--dtype", default=None, help="cast float tensors of the output, e.g. bf16")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
+        "(default: keep each tensor's dtype)",
+    )
     p.add_argument(
         "--int-policy",
         default="last",
         choices=["last", "first", "average", "error"],
         help="integer/bool tensors: take the last (default), first, average, or fail",
     )
-    p.add_argument("--accumulate-dtype", default=None, help="e.g. float64 for extra precision")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
+    p.add_argument(
+        "--accumulate-dtype",
+        default=None,
+        metavar="DTYPE",
+        help="accumulate in this dtype, e.g. float64 (default: float32, float64 for float64)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="worker threads (default: the usable cores, at most 8)",
+    )
     p.add_argument(
         "--max-shard-size",
         default=None,
         metavar="SIZE",
-        help="largest output shard, e.g. 5GB or 2GiB (directory output)",
+        help="for a directory OUT: largest shard, e.g. 5GB (10**9 bytes) or 2GiB "
+        "(default: the first input's shard layout)",
     )
     p.add_argument(
         "--dry-run",
@@ -189,7 +285,9 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
         default=None,
         help="show a progress bar (default: when stderr is a terminal)",
     )
-    prog.add_argument("--no-progress", dest="progress", action="store_false")
+    prog.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -197,6 +295,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     sched = schedule_from_args(args)
     n = len(args.inputs)
+    if sched.name == "explicit" and len(sched.params["weights"]) != n:
+        raise CliError(
+            f"--weights gives {len(sched.params['weights'])} weights for {n} checkpoints; "
+            "give one per checkpoint, oldest first"
+        )
     w = sched.weights(n, normalize=args.normalize)
     problem = _merge.natural_order_problem(args.inputs)
     if problem:
@@ -206,7 +309,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         threads=args.threads, max_shard_size=args.max_shard_size,
     )  # fmt: skip
     if args.dry_run:
-        plan = _merge.plan_merge(args.inputs, [args.output], [w], normalize=False, **common)
+        plan = _merge.plan_merge(
+            args.inputs, [args.output], [w], normalize=False, schedules=[sched], **common
+        )
         _print_plan(plan, sched, args.inputs)
         return 0
     progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -286,6 +391,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     kind = f"sharded checkpoint, {len(layout)} shards" if sharded else "safetensors file"
     print(f"{args.checkpoint}: {kind}")
+    if sharded:
+        sizes = {name: nbytes for name, _, _, nbytes, _ in rows}
+        width = max(len(f) for f, _ in layout)
+        for shard, names in layout:
+            total = _human(sum(sizes[n] for n in names))
+            print(f"  {shard:<{width}}  {len(names):>6} tensors  {total:>10}")
     wn = max([len(r[0]) for r in rows] + [6])
     ws = max([len(str(list(r[2]))) for r in rows] + [5])
     print(f"  {'tensor':<{wn}}  {'dtype':<7}  {'shape':<{ws}}  {'size':>10}")
@@ -418,7 +529,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 + (" (bit for bit identical)" if same else "")
             )
         print(f"\ndone: {len(demo)} merges, max error {worst:.3g}")
-        return 0 if worst == 0.0 else 1
+        if worst != 0.0:
+            print(
+                f"polyak: error: a streamed merge differs from polyak.average by {worst:.3g}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
     finally:
         if own:
             shutil.rmtree(folder, ignore_errors=True)
@@ -469,7 +586,9 @@ def _add_posthoc(p: argparse.ArgumentParser) -> None:
         default=None,
         help="show a progress bar (default: when stderr is a terminal)",
     )
-    prog.add_argument("--no-progress", dest="progress", action="store_false")
+    prog.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
 
 
 def cmd_posthoc(args: argparse.Namespace) -> int:
@@ -568,17 +687,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``polyak`` command line; returns the exit status (0 ok, 1 error, 2 usage)."""
+    """Run the ``polyak`` command line (``polyak`` and ``python -m polyak`` call this).
+
+    Bad input and refused writes print one line, ``polyak: error: ...``, on stderr, never a
+    traceback; usage mistakes print argparse's usage line and that message.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0 on success, 1 for an error (bad input, a failed write, a check
+        that failed), 130 when interrupted.
+
+    Raises:
+        SystemExit: status 2 for a usage error, or 0 after ``--help``/``--version``
+            (argparse's convention).
+
+    Example:
+        >>> main(["weights", "linear", "-n", "3"])
+        linear(), n=3 (oldest first):
+             0      0.166667  #############
+             1      0.333333  ###########################
+             2      0.500000  ########################################
+           sum      1.000000
+        0
+    """
     from polyak._errors import PolyakError
     from polyak.safetensors._errors import OutputWriteError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()  # here, so that a closed pipe is handled below
+        return code
     except CliError as e:
         parser.error(str(e))  # exits with status 2
     except (PolyakError, OutputWriteError) as e:
+        print(f"polyak: error: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of our output went away (`polyak inspect ... | head`): stop quietly, and
+        # point stdout at /dev/null so that the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as e:
+        # The system refused something (permissions, a path through a file): a one-line
+        # message naming the path, not a traceback.
         print(f"polyak: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -701,6 +701,11 @@ def _make_weight_averaging() -> type:
                 )
             else:
                 self.averager = None
+            # Keras runs batch-end hooks of async-safe callbacks in a background thread and
+            # otherwise blocks the training loop on them; overriding on_train_batch_end makes
+            # Keras assume the latter. Per epoch, that hook does nothing, so say so; per
+            # batch, it reads the weights and must run in step with training.
+            self.async_safe = every == "epoch"
             self.count = 0  # snapshots taken
             self._names: list[str] | None = None
             self._epoch = 0

@@ -43,7 +43,7 @@ import math
 import numbers
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,22 @@ def solve(
         array([0., 0., 0., 1.])
     """
     t_in, g_in = _check_snapshots(snapshots)
-    single = isinstance(target_sigma_rel, numbers.Real)
-    sigmas = [target_sigma_rel] if single else list(target_sigma_rel)  # type: ignore[list-item]
+    single = isinstance(target_sigma_rel, numbers.Real) or (
+        isinstance(target_sigma_rel, np.ndarray) and target_sigma_rel.ndim == 0
+    )
+    if isinstance(target_sigma_rel, (str, bytes)) or (
+        not single and not isinstance(target_sigma_rel, Iterable)
+    ):
+        raise ScheduleError(
+            "target_sigma_rel must be a number or a sequence of numbers, got "
+            f"target_sigma_rel={target_sigma_rel!r:.100}"
+        )
+    if isinstance(target_sigma_rel, numbers.Real):
+        sigmas = [target_sigma_rel]
+    elif single:  # a 0-d array
+        sigmas = [float(target_sigma_rel)]  # type: ignore[arg-type]
+    else:
+        sigmas = list(target_sigma_rel)  # type: ignore[arg-type]
     if not sigmas:
         raise EmptyInputError("target_sigma_rel is an empty sequence: give at least one value")
     g_out = np.array(
@@ -168,13 +182,21 @@ def solve(
 
     gram = _profile_dot(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])
     rhs = _profile_dot(t_in[:, None], g_in[:, None], t_out[None, :], g_out[None, :])
+    # A pseudo-inverse (eigenvalues below n * eps of the largest dropped), not solve: nearly
+    # equal snapshots (two averages with almost the same t and gamma) make the Gram matrix
+    # numerically singular, and solve then returns huge coefficients of opposite signs
+    # (~1e4) that amplify every rounding of the merge, where this gives the minimum-norm
+    # least-squares fit. On well-conditioned Gram matrices (cond ~1e5-1e9 for snapshots
+    # every 1-5% of training) both agree to rounding. One matrix-vector product per target,
+    # so that a target's coefficients do not depend on which others are solved with it.
     try:
-        coef = np.linalg.solve(gram, rhs)
+        pinv = np.linalg.pinv(gram, rcond=len(gram) * np.finfo(np.float64).eps, hermitian=True)
     except np.linalg.LinAlgError:
         raise WeightsError(
-            "the snapshot profiles are linearly dependent (numerically singular Gram "
-            f"matrix) for snapshots {list(zip(t_in.tolist(), g_in.tolist(), strict=True))}"
+            "the least-squares fit of the snapshot profiles did not converge for snapshots "
+            f"{list(zip(t_in.tolist(), g_in.tolist(), strict=True))}"
         ) from None
+    coef = np.stack([pinv @ rhs[:, k] for k in range(rhs.shape[1])], axis=1)
     total = coef.sum(axis=0)
     if not (np.all(np.isfinite(coef)) and np.all(total != 0.0)):
         raise WeightsError(
@@ -232,6 +254,11 @@ def _check_snapshots(snapshots: Sequence[tuple[float, float]]) -> tuple[np.ndarr
 # Metadata keys of a post-hoc snapshot: the averaging time t and the exponent gamma.
 T_KEY = "polyak.t"
 GAMMA_KEY = "polyak.gamma"
+# Metadata keys of a reconstructed average: the profile it was fitted to. Distinct from the
+# snapshot keys, so that a reconstruction is never mistaken for a snapshot.
+TARGET_SIGMA_REL_KEY = "polyak.posthoc.sigma_rel"
+TARGET_GAMMA_KEY = "polyak.posthoc.gamma"
+TARGET_T_KEY = "polyak.posthoc.t"
 
 
 def snapshot_metadata(t: float, gamma: float) -> dict[str, str]:
@@ -323,6 +350,19 @@ def find_snapshots(
     Raises:
         EmptyInputError: no snapshot file was found.
         PolyakError: a snapshot's metadata lacks ``t``/``gamma`` (the file is named).
+
+    Example:
+        >>> import numpy as np, os, tempfile, polyak
+        >>> root = tempfile.mkdtemp()
+        >>> for s in (0.05, 0.10):
+        ...     ema = polyak.Averager(polyak.schedules.power(sigma_rel=s))
+        ...     snaps = polyak.SnapshotDir(os.path.join(root, f"sigma-{s}"))
+        ...     for step in range(1, 21):
+        ...         ema.update({"w": np.full(2, float(step), np.float32)})
+        ...         if step % 10 == 0:
+        ...             _ = polyak.posthoc.save_snapshot(snaps, ema, step)
+        >>> [(t, round(g, 2)) for _, t, g in polyak.posthoc.find_snapshots(root)]
+        [(10.0, 6.94), (10.0, 16.97), (20.0, 6.94), (20.0, 16.97)]
     """
     from polyak import safetensors as st
     from polyak._snapshots import SnapshotDir
@@ -345,8 +385,9 @@ def find_snapshots(
     for path in paths:
         meta = st.read_metadata(path) or {}
         if "polyak" in meta:
-            # A merge output (it carries the merge record) copies the first input's
-            # metadata, t and gamma included, which do not describe its own profile.
+            # A merge output (it carries the merge record) may carry its first input's t and
+            # gamma (a plain merge keeps the first input's metadata), which do not describe
+            # its own profile.
             raise PolyakError(
                 f"{path} is the output of a merge, not a post-hoc snapshot; keep merged or "
                 "reconstructed files out of the snapshot directories"
@@ -381,8 +422,11 @@ def reconstruct(
 
     Reads ``t`` and ``gamma`` from every snapshot's metadata (see :func:`snapshot_metadata`),
     computes the coefficients with :func:`solve`, and runs the streaming safetensors merge
-    with ``normalize=False``. Several ``sigma_rel`` values are written in one pass over the
-    snapshot files (:func:`polyak.safetensors.merge_many`); each output appears atomically.
+    with ``normalize=False``. Each output's metadata records its target
+    (``"polyak.posthoc.sigma_rel"``, ``"polyak.posthoc.gamma"``, ``"polyak.posthoc.t"``) in
+    place of the snapshots' ``t``, ``gamma`` and step. Several ``sigma_rel`` values are
+    written in one pass over the snapshot files (:func:`polyak.safetensors.merge_many`); each
+    output appears atomically.
 
     Args:
         snapshot_dir: Where the snapshots are (see :func:`find_snapshots`).
@@ -423,6 +467,7 @@ def reconstruct(
         91.8
     """
     from polyak import safetensors as st
+    from polyak._snapshots import _STEP_KEY
 
     single = isinstance(sigma_rel, numbers.Real)
     outputs = [output] if single else output
@@ -435,6 +480,24 @@ def reconstruct(
     found = find_snapshots(snapshot_dir)
     coef = solve([(t_i, g_i) for _, t_i, g_i in found], sigma_rel, t)
     columns = coef[:, None] if single else coef
+    sigmas = [float(sigma_rel)] if single else [float(s) for s in sigma_rel]  # type: ignore[union-attr]
+    t_target = float(t) if t is not None else max(t_i for _, t_i, _ in found)
+    # Each output describes its own profile: the first snapshot's metadata without the keys
+    # that describe that snapshot (its t, gamma and step), plus the target's.
+    base = {
+        k: v
+        for k, v in (st.read_metadata(found[0][0]) or {}).items()
+        if k not in (T_KEY, GAMMA_KEY, _STEP_KEY)
+    }
+    metadata = [
+        {
+            **base,
+            TARGET_SIGMA_REL_KEY: repr(s),
+            TARGET_GAMMA_KEY: repr(float(sigma_rel_to_gamma(s))),
+            TARGET_T_KEY: repr(t_target),
+        }
+        for s in sigmas
+    ]
     with warnings.catch_warnings():
         # Snapshots from several directories share file names; with explicit coefficients
         # their order does not matter, so the merge's natural-order warning is noise here.
@@ -448,6 +511,7 @@ def reconstruct(
             accumulate_dtype=accumulate_dtype,
             threads=threads,
             progress=progress,
-            schedules=[power(sigma_rel=s) for s in ([sigma_rel] if single else sigma_rel)],
+            schedules=[power(sigma_rel=s) for s in sigmas],
+            metadata=metadata,
         )
     return coef

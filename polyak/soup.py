@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from polyak import _kernel, _tree
-from polyak._arrays import detach, namespace
+from polyak._arrays import detach, namespace, widest_float
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError
 
 __all__ = ["SoupResult", "greedy"]
@@ -127,6 +127,9 @@ def _greedy(
     :class:`_Layout`; adapters (Keras model files) supply their own.
     """
     _kernel.check_int_policy(int_policy)
+    # Checked now, not when the soup is first summed: by then every candidate has been
+    # evaluated, and torch/JAX leaves would not check it at all.
+    _kernel.accumulator_dtype(np.float32, accumulate_dtype)
     better = _comparator(higher_is_better)
 
     # Pass 1: each candidate alone; also checks that all of them match the first.
@@ -333,7 +336,7 @@ class _RunningSum:
         )
         if xp.isdtype(dtype, "complex floating"):
             return xp.complex128 if wide else xp.result_type(dtype, xp.complex64)
-        return xp.float64 if wide else xp.float32
+        return widest_float(xp) if wide else xp.float32
 
     def params(self) -> Any:
         leaves = []
@@ -368,7 +371,7 @@ class _RunningSum:
                 f"{_tree.where(self.ref.accessors[j], root='the soup')}: {ints[0].dtype} leaf "
                 "cannot be averaged with int_policy='error' (use 'last', 'first' or 'average')"
             )
-        mean = sum(xp.astype(x, xp.float64) for x in ints) / len(ints)
+        mean = sum(xp.astype(x, widest_float(xp)) for x in ints) / len(ints)
         rounded = xp.round(mean)
         if ints[0].dtype == xp.bool:
             return rounded != 0

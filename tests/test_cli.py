@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -90,6 +91,47 @@ def test_merge_progress_bar_when_forced(run, tmp_path):
     proc = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--progress")
     assert proc.returncode == 0, proc.stderr
     assert "merge" in proc.stderr and "100%" in proc.stderr
+    # Not a terminal (captured here): no bar, and nothing else on stderr either.
+    proc = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m2.safetensors"))
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+
+
+def test_merge_progress_bar_by_default_on_a_terminal(run, tmp_path):
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    termios = pytest.importorskip("termios")
+    import struct
+
+    paths, _ = run
+    try:
+        leader, follower = pty.openpty()
+    except OSError as e:  # a sandbox without pseudo-terminals
+        pytest.skip(f"no pseudo-terminal: {e}")
+    # A fresh pseudo-terminal is 0 columns wide, in which tqdm draws nothing.
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "polyak", "merge", *paths, "-o", str(tmp_path / "m.st")],
+            stderr=follower, stdout=subprocess.PIPE, env=env, timeout=120,
+        )  # fmt: skip
+        os.close(follower)
+        follower = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"100%" in err, err
 
 
 def test_dry_run_plans_without_writing(run, tmp_path):
@@ -107,6 +149,9 @@ def test_dry_run_plans_without_writing(run, tmp_path):
         assert f"{w:.6f}" in line
     total = sum(v.nbytes for t in trees for v in t.values())
     assert f"to read: {cli._human(total)}" in text
+    proc = polyak_cmd("merge", *paths, "-o", out, "--schedule", "linear", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert f"to write: {cli._human(os.path.getsize(out))}" in text
 
 
 def test_dry_run_reports_mismatches(run, tmp_path):
@@ -141,10 +186,6 @@ def test_merge_errors_are_one_line(run, tmp_path):
     cases = [
         (["merge", *paths, "-o", paths[0]], "one of the inputs"),
         (
-            ["merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--weights", "1,2"],
-            "4 snapshots",
-        ),
-        (
             [
                 "merge",
                 str(tmp_path / "missing.safetensors"),
@@ -171,7 +212,76 @@ def test_merge_errors_are_one_line(run, tmp_path):
         "merge", *paths, "-o", "x.safetensors", "--weights", "1,1,1,1", "--decay", "0.5"
     )
     assert usage.returncode == 2 and "either --weights or a schedule" in usage.stderr
+    count = polyak_cmd("merge", *paths, "-o", str(tmp_path / "m.safetensors"), "--weights", "1,2")
+    assert count.returncode == 2 and "--weights gives 2 weights for 4 checkpoints" in count.stderr
+    assert "Traceback" not in count.stderr and not os.path.exists(tmp_path / "m.safetensors")
     assert polyak_cmd("merge", *paths).returncode == 2  # -o is required
+
+
+def test_schedule_parameter_errors_name_the_flags(run, tmp_path):
+    paths, _ = run
+    out = str(tmp_path / "m.safetensors")
+    for flags, message in [
+        (["--schedule", "ema"], "schedule 'ema' needs --decay"),
+        (["--schedule", "swa"], "schedule 'swa' needs --start"),
+        (
+            ["--schedule", "linear", "--decay", "0.9"],
+            "--decay does not apply to schedule 'linear'",
+        ),
+        (["--schedule", "exponential", "--last", "2"], "(it takes --alpha)"),
+        (["--schedule", "explicit"], "pass --weights"),
+    ]:
+        proc = polyak_cmd("merge", *paths, "-o", out, *flags)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert message in proc.stderr.splitlines()[-1], proc.stderr
+        assert "Traceback" not in proc.stderr and "keyword argument" not in proc.stderr
+    assert not os.path.exists(out)
+
+
+def test_output_paths_through_a_file_are_one_line_errors(run, tmp_path):
+    paths, _ = run
+    blocker = tmp_path / "blocker.safetensors"
+    blocker.write_bytes(b"not a folder")
+    for out, message in [
+        (f"{blocker}/", "exists and is not a directory"),
+        (f"{blocker}/sub", "cannot create output directory"),
+        (f"{blocker}/m.safetensors", "is not a directory"),
+    ]:
+        proc = polyak_cmd("merge", *paths, "-o", out)
+        assert proc.returncode == 1, (out, proc.stderr)
+        assert proc.stderr.startswith("polyak: error:") and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert blocker.read_bytes() == b"not a folder"
+
+
+def test_closed_stdout_pipe_is_not_a_traceback(tmp_path):
+    path = str(tmp_path / "many.safetensors")
+    pst.save({f"layer.{i}.weight": np.zeros(2, np.float32) for i in range(3000)}, path)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polyak", "inspect", path],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    proc.stdout.read(100)  # like `| head -c 100`: read a little, then go away
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) != 0
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+def test_help_documents_every_option_and_its_examples_parse():
+    parser = cli.build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+    merge_help = subs.choices["merge"].format_help()
+    examples = [ln.strip() for ln in merge_help.split("examples:")[1].splitlines() if ln.strip()]
+    assert examples
+    for line in examples:
+        argv = line.split()[1:]  # without "polyak"
+        args = parser.parse_args(argv)
+        cli.schedule_from_args(args)  # the schedule flags fit together
 
 
 def test_inspect(run, tmp_path):
@@ -190,6 +300,27 @@ def test_inspect(run, tmp_path):
     bad.write_bytes(b"\x00" * 4)
     proc = polyak_cmd("inspect", str(bad))
     assert proc.returncode == 1 and "too small" in proc.stderr
+
+
+def test_inspect_sharded_directory(run, tmp_path):
+    paths, trees = run
+    out = str(tmp_path / "sharded")
+    proc = polyak_cmd("merge", *paths, "-o", out, "--max-shard-size", "2KB", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) == 3  # step + w (2400 B) exceed 2 KB, so each float tensor gets its own
+    proc = polyak_cmd("inspect", out)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == f"{out}: sharded checkpoint, 3 shards"
+    for shard in shards:
+        line = next(ln for ln in proc.stdout.splitlines() if ln.strip().startswith(shard))
+        with pst.Checkpoint(os.path.join(out, shard)) as ck:
+            assert f"{len(ck)} tensors" in line and cli._human(ck.nbytes) in line
+    assert "3 tensors, 641 elements" in proc.stdout
+    assert '"inputs": ["epoch_1.safetensors"' in proc.stdout  # the merge record is shown
+    js = json.loads(polyak_cmd("inspect", out, "--json").stdout)
+    assert js["shards"] == shards
+    assert {t["name"] for t in js["tensors"]} == set(trees[0])
 
 
 def test_weights_table():
@@ -222,6 +353,20 @@ def test_demo_generates_merges_and_checks(tmp_path):
     # A second run reuses the checkpoints it finds.
     again = polyak_cmd("demo", "--dir", str(folder))
     assert again.returncode == 0 and "using 3 checkpoints" in again.stdout
+
+
+def test_demo_fails_loudly_when_a_merge_differs(tmp_path, monkeypatch, capsys):
+    real = polyak.average
+
+    def off_by_one_ulp(trees, schedule=None, **kwargs):
+        out = real(trees, schedule, **kwargs)
+        out["encoder.bias"] = np.nextafter(out["encoder.bias"], np.float32(np.inf))
+        return out
+
+    monkeypatch.setattr(polyak, "average", off_by_one_ulp)
+    assert cli.main(["demo", "--dir", str(tmp_path), "-n", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("polyak: error: a streamed merge differs from polyak.average"), err
 
 
 def test_demo_without_dir_cleans_up():

@@ -439,6 +439,20 @@ def test_callback_every_batch(data, tmp_path):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
 
 
+def test_callback_every_epoch_leaves_batch_hooks_asynchronous():
+    # Keras dispatches batch-end hooks in a background thread (on thread-safe backends)
+    # unless a callback overrides on_train_batch_end without being async_safe. Per epoch the
+    # callback's batch hook does nothing and must not make every training step wait; per
+    # batch it reads the weights, so it must run in step with training.
+    model = make_model()
+    per_epoch = keras.callbacks.CallbackList([pk.WeightAveraging("equal")], model=model)
+    per_batch = keras.callbacks.CallbackList(
+        [pk.WeightAveraging("equal", every="batch")], model=model
+    )
+    assert per_epoch._async_train
+    assert not per_batch._async_train
+
+
 def test_callback_schedule_without_online_form_uses_snapshots(data, tmp_path):
     callback = pk.WeightAveraging(schedules.tail(2), snapshot_dir=tmp_path, keep=2)
     assert callback.averager is None

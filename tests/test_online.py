@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import tracemalloc
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -195,6 +196,23 @@ def test_online_equals_offline_jax(schedule, n, dtype, seed):
     _close(np.asarray(got, dtype=np.float64), _reference(as64, schedule), as64, dtype)
 
 
+def test_jax_int_average_without_x64_warns_nothing():
+    # Without jax_enable_x64 a float64 request is truncated to float32 with a UserWarning at
+    # every update; the accumulator is float32 from the start instead, as in polyak.average.
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("JAX runs with x64 enabled")
+    jnp = jax.numpy
+    avg = polyak.Averager("equal", int_policy="average")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in (1, 2, 4):
+            avg.update({"n": jnp.asarray([i, 10 * i], dtype=jnp.int32)})
+        got = avg.value["n"]
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), [2, 23])
+
+
 def test_torch_requires_grad_params_in_place():
     torch = pytest.importorskip("torch")
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -229,6 +247,57 @@ def test_torch_state_dict_then_named_parameters_match_by_path():
     avg.update(model.state_dict())  # an OrderedDict
     avg.update(dict(reversed(list(model.named_parameters()))))  # a dict, another order
     torch.testing.assert_close(avg.value["weight"], model.weight.detach())
+
+
+def test_torch_frozen_parameters_are_averaged():
+    # A frozen nn.Parameter (requires_grad=False, as in fine-tuning) is not detached, so it
+    # reaches the averager as a Parameter while its average is a plain tensor.
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)
+    avg = polyak.Averager("equal")
+    seen = []
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.bias.add_(2.0)
+        avg.update(dict(model.named_parameters()))
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+    for k, v in avg.value.items():
+        torch.testing.assert_close(v, torch.stack([s[k] for s in seen]).mean(0))
+
+
+def test_torch_float8_fold_on_accelerators():
+    # Accelerators (acc not on the CPU) take _fold_torch_device_cast; its code is device
+    # agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
+    # make every float8 update on a GPU fail.
+    torch = pytest.importorskip("torch")
+    from polyak import _online_leaves
+
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
+        x = torch.tensor([0.5, -1.0, 2.0, 0.25]).to(dtype)
+        acc = torch.tensor([1.0, 1.0, -3.0, 0.0])
+        expected = 0.75 * acc.double() + 0.25 * x.double()
+        _online_leaves._fold_torch_device_cast(acc, x, 0.75, 0.25)
+        assert acc.dtype == torch.float32
+        torch.testing.assert_close(acc.double(), expected)
+    # int leaves averaged with int_policy="average" (a float64 accumulator)
+    acc = torch.zeros(3, dtype=torch.float64)
+    _online_leaves._fold_torch_device_cast(acc, torch.tensor([1, 2, 3]), 0.5, 0.5)
+    torch.testing.assert_close(acc, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
+
+
+def test_torch_float8_leaves_average_on_cpu():
+    torch = pytest.importorskip("torch")
+    snaps = [torch.tensor([0.5 * i, -float(i)]).to(torch.float8_e4m3fn) for i in range(1, 5)]
+    avg = polyak.Averager("linear")
+    for x in snaps:
+        avg.update([x])
+    got = avg.value[0]
+    assert got.dtype == torch.float8_e4m3fn
+    as64 = [s.double().numpy() for s in snaps]
+    expected = torch.from_numpy(_reference(as64, S.linear())).to(torch.float8_e4m3fn)
+    assert torch.equal(got.float(), expected.float())
 
 
 def test_half_precision_accumulates_in_float32():
@@ -440,6 +509,32 @@ def test_save_is_readable_by_the_official_reader(tmp_path):
     np.testing.assert_array_equal(tensors["w"], np.full(3, 3.0, np.float32))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("polyak.dtypes", "5", "polyak.dtypes must map tensor names"),
+        ("polyak.dtypes", '["float64"]', "polyak.dtypes must map tensor names"),
+        ("polyak.int_policy", "median", "int_policy"),
+        ("polyak.schedule", '{"name": "ema", "params": {"decay": 2.0}}', "decay"),
+        ("polyak.count", "two", "polyak.count|two"),
+    ],
+)
+def test_load_names_the_file_for_malformed_metadata(tmp_path, key, value, message):
+    from polyak.safetensors import read_metadata
+
+    avg = polyak.Averager(S.ema(0.9))
+    avg.update({"w": np.ones(2)})
+    good = tmp_path / "good.safetensors"
+    avg.save(good)
+    meta = dict(read_metadata(good))
+    meta[key] = value
+    bad = tmp_path / "bad.safetensors"
+    polyak.safetensors.save({"w": np.ones(2)}, bad, meta)
+    with pytest.raises(PolyakError, match=message) as info:
+        polyak.Averager.load(bad)
+    assert "bad.safetensors" in str(info.value)
+
+
 def test_load_rejects_other_files_and_other_schedules(tmp_path):
     polyak.safetensors.save({"w": np.ones(2)}, tmp_path / "plain.safetensors")
     with pytest.raises(PolyakError, match="not an Averager state"):
@@ -501,6 +596,18 @@ def test_shape_mismatch_names_the_leaf_and_changes_nothing():
     after = avg.value
     assert avg.count == 1
     np.testing.assert_array_equal(after["enc"][0], before["enc"][0])
+
+
+def test_shape_mismatch_in_reordered_containers_names_the_right_leaf():
+    from collections import OrderedDict
+
+    avg = polyak.Averager()
+    avg.update(OrderedDict([("b", np.zeros(2)), ("a", np.zeros(3))]))
+    with pytest.raises(ShapeError, match=r"params\['b'\]: shape \(5,\) != \(2,\)"):
+        avg.update({"a": np.zeros(3), "b": np.zeros(5)})
+    with pytest.raises(ShapeError, match=r"params\['a'\]: shape \(4,\) != \(3,\)"):
+        avg.update(OrderedDict([("b", np.zeros(2)), ("a", np.zeros(4))]))
+    assert avg.count == 1
 
 
 def test_dtype_kind_and_library_changes_are_errors():

@@ -144,6 +144,16 @@ def test_solve_shapes_and_columns_sum_to_one():
     assert posthoc.solve(snaps, (0.08,)).shape == (len(snaps), 1)
 
 
+def test_solve_target_sigma_rel_types():
+    snaps = _snapshots(every=500)
+    one = posthoc.solve(snaps, 0.08)
+    np.testing.assert_array_equal(posthoc.solve(snaps, np.array(0.08)), one)
+    np.testing.assert_array_equal(posthoc.solve(snaps, np.array([0.08]))[:, 0], one)
+    for bad in (None, "0.08", b"0.08", object()):
+        with pytest.raises(ScheduleError, match="target_sigma_rel must be a number"):
+            posthoc.solve(snaps, bad)
+
+
 def test_solve_is_the_least_squares_fit_of_the_profiles():
     # Independent reference: discretize the profiles on a fine grid and solve the
     # least-squares problem with lstsq, then normalize as solve does.
@@ -156,6 +166,24 @@ def test_solve_is_the_least_squares_fit_of_the_profiles():
     ref, *_ = np.linalg.lstsq(design, target, rcond=None)
     ref /= ref.sum()
     np.testing.assert_allclose(posthoc.solve(snaps, 0.08), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_solve_nearly_equal_snapshots_give_bounded_coefficients():
+    # Two snapshots whose profiles differ by 1e-9 in gamma make the Gram matrix numerically
+    # singular (cond ~1e16). The fit must stay the least-squares one (checked on a grid, as
+    # above) without coefficients of +-1e4 that would amplify the merge's rounding.
+    g = sigma_rel_to_gamma(0.10)
+    snaps = [(1000, g), (1000, g + 1e-9), (500, g), (500, sigma_rel_to_gamma(0.05))]
+    coef = posthoc.solve(snaps, 0.08)
+    assert np.max(np.abs(coef)) < 10.0
+    assert math.isclose(coef.sum(), 1.0, rel_tol=1e-12)
+    tau = np.linspace(0.0, 1000.0, 200_001)[1:]
+    design = np.stack([posthoc.profile(t, gg, tau) for t, gg in snaps], axis=1)
+    target = posthoc.profile(1000.0, sigma_rel_to_gamma(0.08), tau)
+    best = np.linalg.lstsq(design[:, [0, 2, 3]], target, rcond=None)[0]
+    best /= best.sum()
+    residual = np.linalg.norm(design @ coef - target)
+    assert residual <= 1.0001 * np.linalg.norm(design[:, [0, 2, 3]] @ best - target)
 
 
 def test_reconstructed_discrete_weights_are_close_to_the_target_schedule():
@@ -332,6 +360,29 @@ def test_several_sigma_rel_are_written_in_one_pass(small_run, tmp_path, monkeypa
     assert record["schedule"]["params"]["sigma_rel"] == 0.08
 
 
+def test_reconstructed_files_record_their_target_not_a_snapshot(small_run, tmp_path):
+    from polyak import safetensors as pst
+    from polyak.schedules import sigma_rel_to_gamma
+
+    snaps, _ = small_run
+    found = posthoc.find_snapshots(snaps)
+    first = pst.read_metadata(found[0][0])
+    assert {posthoc.T_KEY, posthoc.GAMMA_KEY, "polyak.step"} <= first.keys()
+    outs = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
+    posthoc.reconstruct(snaps, outs, sigma_rel=[0.05, 0.08], t=150)
+    for out, s in zip(outs, (0.05, 0.08), strict=True):
+        meta = pst.read_metadata(out)
+        assert posthoc.T_KEY not in meta and posthoc.GAMMA_KEY not in meta
+        assert "polyak.step" not in meta
+        assert float(meta["polyak.posthoc.sigma_rel"]) == s
+        assert float(meta["polyak.posthoc.gamma"]) == sigma_rel_to_gamma(s)
+        assert float(meta["polyak.posthoc.t"]) == 150.0
+        assert json.loads(meta["polyak"])["schedule"]["params"]["sigma_rel"] == s
+    # Without t, the target is the last snapshot's.
+    posthoc.reconstruct(snaps, outs[0], sigma_rel=0.05)
+    assert float(pst.read_metadata(outs[0])["polyak.posthoc.t"]) == max(t for _, t, _ in found)
+
+
 def test_reconstruct_bad_input(small_run, tmp_path):
     from polyak import safetensors as pst
 
@@ -384,3 +435,11 @@ def test_save_snapshot_records_t_and_gamma_of_a_power_averager(tmp_path):
     assert polyak.SnapshotDir(tmp_path / "b").steps() == [70]
     with pytest.raises(ScheduleError, match="power"):
         posthoc.save_snapshot(tmp_path / "c", polyak.Averager(polyak.schedules.ema(0.9)))
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(posthoc, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

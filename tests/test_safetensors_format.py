@@ -70,10 +70,16 @@ def test_polyak_writer_to_official_reader(tmp_path):
     assert sorted(official) == sorted(
         ["dense.kernel", "dense.bias", "ints.0", "ints.1", "ints.2", "mask", "step", "zero_size"]
     )
-    assert np.array_equal(official["dense.kernel"], tree["dense"]["kernel"])
-    assert np.array_equal(official["ints.2"], tree["ints"][2])
+    expected = {
+        "dense.kernel": tree["dense"]["kernel"], "dense.bias": tree["dense"]["bias"],
+        **{f"ints.{i}": a for i, a in enumerate(tree["ints"])},
+        "mask": tree["mask"], "step": np.asarray(tree["step"]), "zero_size": tree["zero_size"],
+    }  # fmt: skip
+    for name, arr in expected.items():
+        assert official[name].dtype == arr.dtype and official[name].shape == arr.shape, name
+        assert _bits(official[name]) == _bits(arr), name
     assert official["step"].shape == () and official["step"] == 12
-    assert official["zero_size"].shape == (3, 0)
+    assert safetensors_numpy.safe_open(path, "np").metadata() == {"note": "hello"}
     # The data starts 8-byte aligned, as the official writer lays it out.
     (n,) = struct.unpack("<Q", open(path, "rb").read(8))
     assert (8 + n) % 8 == 0
@@ -159,6 +165,18 @@ def test_sharded_save_and_load(tmp_path):
         assert np.array_equal(got[name], arr)
     for shard in shards:  # every shard is a valid file for the official reader
         safetensors_numpy.load_file(str(out / shard))
+    # Sizes as merge takes them; refused where they would be ignored or meaningless.
+    pst.save(tree, str(tmp_path / "by_text"), max_shard_size="20KB")
+    assert len(os.listdir(tmp_path / "by_text")) == 6  # 5 shards + index
+    for path, size, message in [
+        (tmp_path / "one.safetensors", 20_000, "applies to a directory output"),
+        (tmp_path / "zero", 0, "must be positive"),
+        (tmp_path / "neg", -1, "must be positive"),
+        (tmp_path / "text", "lots", "is not a size"),
+    ]:
+        with pytest.raises(polyak.PolyakError, match=message):
+            pst.save(tree, str(path), max_shard_size=size)
+        assert not path.exists()
 
 
 def test_sharded_directory_from_hf_layout(tmp_path):
@@ -187,6 +205,17 @@ def test_sharded_directory_from_hf_layout(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": evil}))
     with pytest.raises(HeaderError, match="plain"):
         pst.load(str(tmp_path))
+    # A tensor in two shards: the index maps it to one, so the other shard is refused, and
+    # no descriptor of the shards opened so far stays open.
+    safetensors_numpy.save_file(
+        {**parts[1], "a": parts[0]["a"]}, str(tmp_path / names[1]), metadata={"format": "pt"}
+    )
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(HeaderError, match=f"{names[1]}: tensor 'a' is not mapped to this shard"):
+        pst.load(str(tmp_path))
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_missing_and_non_checkpoint_paths(tmp_path):
@@ -311,10 +340,30 @@ def _check_clean(path: str, size: int) -> None:
         tracemalloc.stop()
     assert peak < 4 * size + (1 << 20), f"allocated {peak} bytes for a {size}-byte file"
     if got is not None:
-        official = safetensors_numpy.load_file(path)
+        official = _official_load(path)
         assert sorted(official) == sorted(got)
         for k, v in got.items():
-            assert official[k].shape == v.shape and _bits(official[k]) == _bits(v)
+            shape, bits = official[k]
+            assert shape == v.shape and bits == _bits(v), k
+
+
+def _official_load(path: str) -> dict[str, tuple[tuple[int, ...], bytes]]:
+    """(shape, raw bytes) per tensor, read by the official library.
+
+    Its numpy reader knows no bf16/fp8 (numpy has no such dtypes), so files holding them are
+    read through its torch reader when torch is there.
+    """
+    with safetensors_numpy.safe_open(path, "np") as f:
+        header_dtypes = {k: str(f.get_slice(k).get_dtype()) for k in f.keys()}
+    if any(d in ("BF16", "F8_E4M3", "F8_E5M2") for d in header_dtypes.values()):
+        torch = pytest.importorskip("torch")
+        from safetensors.torch import load_file
+
+        return {
+            k: (tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            for k, t in load_file(path).items()
+        }
+    return {k: (a.shape, _bits(a)) for k, a in safetensors_numpy.load_file(path).items()}
 
 
 def _header_strategy():

@@ -132,6 +132,8 @@ def test_dtype_cast_and_accumulate_dtype(tmp_path):
             assert got[k].dtype == e.dtype and got[k].tobytes() == e.tobytes(), k
     pst.merge(paths, out, "linear", accumulate_dtype="float64")
     _assert_bitwise(pst.load(out), polyak.average(trees, "linear", accumulate_dtype="float64"))
+    pst.merge(paths, out, "linear", accumulate_dtype="fp64")  # the names --dtype takes
+    _assert_bitwise(pst.load(out), polyak.average(trees, "linear", accumulate_dtype="float64"))
     with pytest.raises(polyak.DtypeError, match="int8"):
         pst.merge(paths, out, dtype="int8")
 
@@ -152,6 +154,30 @@ def test_metadata_kept_with_polyak_record(tmp_path):
     assert rebuilt == schedules.ema(0.5)
     assert str(out) in str(report) and report.bytes_written == os.path.getsize(out)
     assert report.bytes_read == 3 * 16
+
+
+def test_merge_many_per_output_metadata(tmp_path):
+    paths, _ = _write_run(
+        str(tmp_path), 2, lambda i: {"w": np.full(4, float(i), np.float32)},
+        metadata={"format": "pt", "step": "first"},
+    )  # fmt: skip
+    outs = [str(tmp_path / "own.safetensors"), str(tmp_path / "kept"), str(tmp_path / "d")]
+    pst.merge_many(
+        paths, outs, [[1, 1], [0, 1], [1, 0]],
+        metadata=[{"format": "pt", "mine": "yes"}, None, {"format": "np", "x": "y"}],
+    )  # fmt: skip
+    read = [safetensors_numpy.safe_open(f, "np").metadata() for f in (
+        outs[0], os.path.join(outs[1], "model.safetensors"),
+        os.path.join(outs[2], "model.safetensors"),
+    )]  # fmt: skip
+    assert {k: v for k, v in read[0].items() if k != "polyak"} == {"format": "pt", "mine": "yes"}
+    assert {k: v for k, v in read[1].items() if k != "polyak"} == {"format": "pt", "step": "first"}
+    assert {k: v for k, v in read[2].items() if k != "polyak"} == {"format": "np", "x": "y"}
+    assert [json.loads(m["polyak"])["weights"] for m in read] == [[0.5, 0.5], [0, 1], [1, 0]]
+    with pytest.raises(polyak.PolyakError, match="one entry per output"):
+        pst.merge_many(paths, outs[:2], [[1, 1], [1, 0]], metadata=[None])
+    with pytest.raises(polyak.PolyakError, match="strings to strings"):
+        pst.merge_many(paths, outs[:1], [[1, 1]], metadata=[{"step": 3}])
 
 
 def _sharded_run(folder, n, rng):
@@ -242,6 +268,26 @@ def test_zero_weight_inputs_are_not_read(tmp_path):
     _assert_bitwise(pst.load(str(tmp_path / "m.safetensors")), trees[-1])
 
 
+@pytest.mark.parametrize("policy, reads", [("last", 1), ("first", 1), ("average", 2)])
+def test_int_tensors_read_only_the_inputs_the_policy_uses(tmp_path, policy, reads):
+    def make(i):
+        return {"w": np.full(10, i, np.float32), "ids": np.arange(1000, dtype=np.int64) * i}
+
+    paths, trees = _write_run(str(tmp_path), 4, make)
+    out = str(tmp_path / "m.safetensors")
+    w = [0.0, 1.0, 3.0, 0.0]
+    plan = pst.plan_merge(paths, [out], [w], int_policy=policy)
+    report = pst.merge(paths, out, w, int_policy=policy, threads=2)
+    assert report.bytes_read == plan.bytes_to_read == 2 * 40 + reads * 8000
+    _assert_bitwise(pst.load(out), polyak.average(trees, w, int_policy=policy))
+    # All-zero weights (normalize=False) average the ints to zeros, reading one input.
+    report = pst.merge(paths, out, [0, 0, 0, 0], int_policy="average", normalize=False)
+    assert report.bytes_read == 8000
+    _assert_bitwise(
+        pst.load(out), polyak.average(trees, [0, 0, 0, 0], int_policy="average", normalize=False)
+    )
+
+
 def test_mismatches_are_listed(tmp_path):
     a = {"a": np.ones(3, np.float32), "b": np.ones(2), "c": np.ones(1, np.float32)}
     b = {"a": np.ones(4, np.float32), "b": np.ones(2, np.float32), "d": np.ones(1)}
@@ -281,16 +327,35 @@ def test_bad_arguments(tmp_path):
         pst.merge([], out)
     with pytest.raises(polyak.PolyakError, match="sequence of checkpoint paths"):
         pst.merge(paths[0], out)
-    with pytest.raises(polyak.WeightsError, match="3 weights but 2"):
+    with pytest.raises(polyak.WeightsError, match="3 weights but 2 checkpoints"):
         pst.merge(paths, out, [1, 2, 3])
+    with pytest.raises(polyak.WeightsError, match="weight vector 1 has 1 weights but 2 check"):
+        pst.merge_many(paths, [out, str(tmp_path / "n.safetensors")], [[1, 2], [1]])
     with pytest.raises(polyak.WeightsError):
         pst.merge(paths, out, [1, -1])
     with pytest.raises(polyak.PolyakError, match="max_shard_size"):
         pst.merge(paths, str(tmp_path / "d"), max_shard_size="5 parsecs")
+    with pytest.raises(polyak.PolyakError, match="applies to a directory output"):
+        pst.merge(paths, out, max_shard_size="1GB")
+    with pytest.raises(polyak.PolyakError, match="applies to a directory output"):
+        pst.plan_merge(paths, [out], [[1, 1]], max_shard_size=100)
     with pytest.raises(OutputError, match="does not exist"):
         pst.merge(paths, str(tmp_path / "no" / "such" / "m.safetensors"))
-    with pytest.raises(polyak.PolyakError, match="threads"):
-        pst.merge(paths, out, threads=0)
+    for bad in (0, 2.5, "x", True):
+        with pytest.raises(polyak.PolyakError, match="threads must be an int >= 1"):
+            pst.merge(paths, out, threads=bad)
+    two = [out, str(tmp_path / "n.safetensors")]
+    for call in (pst.merge_many, pst.plan_merge):
+        with pytest.raises(polyak.WeightsError, match="1 weight vectors for 2 outputs"):
+            call(paths, two, [[1, 1]])
+        with pytest.raises(OutputError, match="no outputs"):
+            call(paths, [], [])
+    for bad in ("complex64", np.complex128, "bf16", "int8", "nonsense"):
+        with pytest.raises(polyak.DtypeError, match="accumulate_dtype=.* cannot be used"):
+            pst.merge(paths, out, accumulate_dtype=bad)
+    for bad in (0, -5, 2.5):
+        with pytest.raises(polyak.PolyakError, match="chunk_elements must be an int >= 1"):
+            pst.merge_many(paths, [out], [[1, 1]], chunk_elements=bad)
     assert not os.path.exists(out) and not os.path.exists(tmp_path / "d")
 
 
@@ -313,10 +378,27 @@ def test_plan_merge_writes_nothing(tmp_path):
     assert plan.weights == (tuple(polyak.weights(schedules.tail(2), 3)),)
     float_bytes = sum(v.nbytes for v in trees[0].values() if v.dtype.kind not in "iub")
     int_bytes = sum(v.nbytes for v in trees[0].values() if v.dtype.kind in "iub")
-    assert plan.bytes_to_read == 2 * float_bytes + 3 * int_bytes
+    assert plan.bytes_to_read == 2 * float_bytes + int_bytes  # ints: the newest input only
     report = pst.merge(paths, out, schedules.tail(2))
     assert report.bytes_read == plan.bytes_to_read
     assert plan.buffer_bytes > 0 and plan.peak_memory_estimate(0) >= plan.buffer_bytes
+
+
+def test_plan_merge_bytes_to_write_are_exact(tmp_path):
+    # Long metadata and many tensors: a per-tensor guess of the header size misses them.
+    paths, _ = _write_run(
+        str(tmp_path), 3, lambda i: {f"layer.{k}.w": np.full(7, i, np.float32) for k in range(40)},
+        metadata={"format": "pt", "config": "x" * 5000},
+    )  # fmt: skip
+    sched = schedules.ema(0.5)
+    w = [polyak.weights(sched, 3)]
+    for out, shard in [("m.safetensors", None), ("dir", None), ("dir2", "300B")]:
+        out = str(tmp_path / out)
+        plan = pst.plan_merge(paths, [out], w, max_shard_size=shard, schedules=[sched])
+        assert not os.path.exists(out)
+        report = pst.merge(paths, out, sched, max_shard_size=shard)
+        assert len(report.files) > (2 if shard else 1 if out.endswith("dir") else 0)
+        assert plan.bytes_to_write == (report.bytes_written,), out
 
 
 # -- hypothesis: random checkpoints against a float64 reference ------------------------------

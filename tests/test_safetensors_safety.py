@@ -125,12 +125,7 @@ def test_file_size_limit_gives_clear_error_and_leaves_nothing(tmp_path, target):
     assert "file size limit" in proc.stderr and "nothing was written" in proc.stderr
     assert [_digest(p) for p in paths] == digests
     names = set(os.listdir(tmp_path)) - {os.path.basename(p) for p in paths}
-    if target == "directory":
-        # The folder may have been created; it holds nothing.
-        assert names <= {"merged_dir"}
-        assert not os.path.exists(out) or os.listdir(out) == []
-    else:
-        assert names == set()
+    assert names == set()  # not even the output folder, which the failed merge created
 
 
 def test_file_size_limit_through_the_cli(tmp_path):
@@ -219,3 +214,51 @@ def test_disk_full_mid_write_cleans_up(tmp_path, monkeypatch):
         pst.merge(paths, out, threads=2)
     assert err.value.errno == errno.ENOSPC
     assert sorted(os.listdir(tmp_path)) == ["in_0.safetensors", "in_1.safetensors"]
+
+
+def test_merge_many_failing_late_on_one_output_leaves_none(tmp_path, monkeypatch):
+    """A full disk reported by the last output's fsync: the outputs before it must not stay."""
+    import errno
+
+    from polyak.safetensors import _writer
+
+    paths = _inputs(str(tmp_path), 2, 10_000)
+    outs = [str(tmp_path / f"out_{k}.safetensors") for k in range(3)]
+    real_sync = _writer.SafetensorsWriter.sync
+
+    def sync(self):
+        if self.path.endswith("out_2.safetensors"):
+            self.abort()
+            raise _writer._write_error(self.path, OSError(errno.ENOSPC, "No space left"))
+        return real_sync(self)
+
+    monkeypatch.setattr(_writer.SafetensorsWriter, "sync", sync)
+    with pytest.raises(pst.OutputWriteError, match="out_2.*disk is full"):
+        pst.merge_many(paths, outs, [[1, 0], [0, 1], [1, 1]])
+    assert sorted(os.listdir(tmp_path)) == ["in_0.safetensors", "in_1.safetensors"]
+
+
+def test_failed_directory_merge_removes_the_folder_it_made(tmp_path, monkeypatch):
+    import errno
+
+    from polyak.safetensors import _writer
+
+    paths = _inputs(str(tmp_path), 2, 10_000)
+    made, kept = tmp_path / "new_dir", tmp_path / "old_dir"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    real_sync = _writer.SafetensorsWriter.sync
+
+    def sync(self):
+        self.abort()
+        raise _writer._write_error(self.path, OSError(errno.ENOSPC, "No space left"))
+
+    monkeypatch.setattr(_writer.SafetensorsWriter, "sync", sync)
+    for out in (made, kept):
+        with pytest.raises(pst.OutputWriteError, match="disk is full"):
+            pst.merge(paths, str(out))
+    assert not made.exists()
+    assert sorted(os.listdir(kept)) == ["notes.txt"]  # a folder it did not make is kept
+    monkeypatch.setattr(_writer.SafetensorsWriter, "sync", real_sync)
+    pst.merge(paths, str(made))  # and a successful merge keeps the folder it made
+    assert (made / "model.safetensors.index.json").exists()

@@ -108,6 +108,36 @@ def test_average_in_memory_equals_polyak_average(tmp_path, schedule):
     np.testing.assert_allclose(got["dense.bias"], ref64, rtol=1e-13)
 
 
+@pytest.mark.parametrize("int_policy", ["last", "first", "average"])
+def test_in_memory_average_loads_only_the_snapshots_it_weighs(tmp_path, monkeypatch, int_policy):
+    import polyak.safetensors as pst
+
+    rng = np.random.default_rng(3)
+    params = [_snapshot(rng, step) for step in range(8)]
+    snaps = polyak.SnapshotDir(tmp_path)
+    for step, p in enumerate(params):
+        snaps.save(p, step)
+    loaded = []
+    real_load = pst.load
+
+    def load(path, *args, **kwargs):
+        loaded.append(snaps.paths().index(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(pst, "load", load)
+    got = snaps.average(S.tail(3), int_policy=int_policy)
+    # tail(3) of 8: the newest 3, and the oldest for int_policy="first"; not the 4 others
+    assert loaded == [0, 5, 6, 7]
+    ref = polyak.average(params, S.tail(3), int_policy=int_policy)
+    assert got["dense.kernel"].tobytes() == ref["dense"]["kernel"].tobytes()
+    assert got["emb"].tobytes() == ref["emb"].tobytes()
+    assert got["step"] == ref["step"]
+    # a weight-0 snapshot that does not match the others is still refused, by its index
+    snaps.save({**params[2], "emb": np.zeros((4, 3), ml_dtypes.bfloat16)}, 2)
+    with pytest.raises(PolyakError, match=r"params_list\[2\]\['emb'\]: shape \(4, 3\)"):
+        snaps.average(S.tail(3), int_policy=int_policy)
+
+
 def test_average_to_output_file_streams_the_same_result(tmp_path):
     rng = np.random.default_rng(2)
     snaps = polyak.SnapshotDir(tmp_path / "snaps", keep=4)
@@ -149,6 +179,10 @@ def test_torch_state_dict_round_trip(tmp_path):
 def test_bad_input(tmp_path):
     with pytest.raises(PolyakError, match="keep must be a positive int"):
         polyak.SnapshotDir(tmp_path, keep=0)
+    for bad in (1.5, True, np.int64(0), "3"):
+        with pytest.raises(PolyakError, match="keep must be a positive int"):
+            polyak.SnapshotDir(tmp_path, keep=bad)
+    assert polyak.SnapshotDir(tmp_path, keep=np.int64(3)).keep == 3  # as steps accept them
     (tmp_path / "file").write_text("x")
     with pytest.raises(PolyakError, match="is a file"):
         polyak.SnapshotDir(tmp_path / "file")

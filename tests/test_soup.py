@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 import weakref
 
 import ml_dtypes
@@ -199,6 +200,20 @@ def test_torch_candidates_stay_torch():
     assert int(res.params["n"]) == res.members[0]
 
 
+def test_jax_candidates_without_x64_warn_nothing():
+    jax = pytest.importorskip("jax")
+    if jax.config.jax_enable_x64:
+        pytest.skip("JAX runs with x64 enabled")
+    jnp = jax.numpy
+    cands = [{"w": jnp.asarray([1.0 * i, 2.0]), "n": jnp.asarray(i)} for i in (1, 2, 6)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        res = soup.greedy(cands, lambda p: 1.0, int_policy="average", accumulate_dtype="float64")
+    assert res.members == [0, 1, 2]
+    np.testing.assert_allclose(np.asarray(res.params["w"]), [3.0, 2.0])
+    assert int(res.params["n"]) == 3 and res.params["n"].dtype == cands[0]["n"].dtype
+
+
 def test_checkpoint_paths_are_loaded_one_at_a_time(tmp_path, toy, monkeypatch):
     from polyak import safetensors as pst
 
@@ -235,6 +250,25 @@ def test_checkpoint_paths_are_loaded_one_at_a_time(tmp_path, toy, monkeypatch):
         np.testing.assert_array_equal(from_files.params[key], in_memory.params[key])
     assert sorted(loads) == sorted(str(p) for p in paths * 2)  # twice each, no more
     assert max(peak) <= 2  # one loaded checkpoint's two tensors at a time
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("bad", ["foo", "int32"])
+def test_bad_accumulate_dtype_is_refused_before_any_evaluation(library, bad):
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        cands = [{"w": torch.ones(2) * i} for i in range(3)]
+    else:
+        cands = [{"w": np.ones(2) * i} for i in range(3)]
+    calls = []
+
+    def score(p):
+        calls.append(p)
+        return 1.0
+
+    with pytest.raises(DtypeError, match="accumulate_dtype"):
+        soup.greedy(cands, score, accumulate_dtype=bad)
+    assert calls == []
 
 
 def test_bad_input_names_the_candidate_and_leaf(tmp_path):
@@ -297,3 +331,11 @@ def test_soup_of_checkpoints_peak_memory_is_a_few_checkpoints_not_all(tmp_path):
     # Running sum, trial sum, trial soup, one loaded candidate and temporaries: about four
     # checkpoints, whatever n is; holding the candidates would take n = 12.
     assert grown < 6 * one, f"peak grew by {grown / 2**20:.0f} MiB"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(soup, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

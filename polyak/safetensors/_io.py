@@ -13,6 +13,7 @@ import optree
 from polyak._errors import DtypeError, StructureError
 from polyak.safetensors._errors import HeaderError
 from polyak.safetensors._format import dtype_code
+from polyak.safetensors._merge import _shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._writer import CheckpointWriter
 
@@ -50,7 +51,7 @@ def save(
     path: str | os.PathLike[str],
     metadata: Mapping[str, str] | None = None,
     *,
-    max_shard_size: int | None = None,
+    max_shard_size: int | str | None = None,
 ) -> None:
     """Write a pytree of arrays as a safetensors checkpoint, atomically.
 
@@ -63,12 +64,15 @@ def save(
         path: ``*.safetensors`` for one file; anything else is a directory receiving a sharded
             checkpoint with ``model.safetensors.index.json``.
         metadata: string-to-string ``__metadata__``.
-        max_shard_size: for a directory, the largest shard in bytes.
+        max_shard_size: for a directory ``path``, the largest shard: bytes, or a size such
+            as ``"5GB"`` (10**9 bytes) or ``"2GiB"``.
 
     Raises:
         StructureError: two leaves map to the same name.
         DtypeError: a leaf's dtype has no safetensors code (e.g. complex).
         HeaderError: metadata is not a map of strings to strings.
+        PolyakError: ``max_shard_size`` is not a positive size, or is given for a
+            ``.safetensors`` file (which is never sharded).
         OutputWriteError: the file system refused the write; nothing is left behind.
 
     Example:
@@ -78,6 +82,7 @@ def save(
         >>> sorted(load(p))
         ['dense.kernel']
     """
+    shard_bytes = _shard_size(max_shard_size, [path])
     if metadata is not None and not (
         isinstance(metadata, Mapping)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
@@ -103,7 +108,7 @@ def save(
         ((n, a.dtype, a.shape) for n, a in arrays.items()),
         key=lambda e: (-e[1].itemsize, e[0]),
     )
-    writer = CheckpointWriter(path, entries, metadata=metadata, max_shard_size=max_shard_size)
+    writer = CheckpointWriter(path, entries, metadata=metadata, max_shard_size=shard_bytes)
     try:
         for name, arr in arrays.items():
             writer.write(name, 0, arr)
@@ -162,6 +167,18 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:
     """The ``__metadata__`` of a checkpoint (of its first shard), or None.
+
+    Only the header is read, with the same strict validation as :func:`load`.
+
+    Args:
+        path: a ``.safetensors`` file or a sharded checkpoint directory.
+
+    Returns:
+        A new ``{key: value}`` dict of strings, or None when the file has no metadata.
+
+    Raises:
+        CheckpointError: the path is not a checkpoint.
+        HeaderError: a header or the shard index is malformed (naming the file).
 
     Example:
         >>> import numpy as np, tempfile, os

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import numbers
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,11 +17,11 @@ import ml_dtypes
 import numpy as np
 
 from polyak import _kernel, _stream
-from polyak._errors import DtypeError, EmptyInputError, PolyakError
+from polyak._errors import DtypeError, EmptyInputError, PolyakError, WeightsError
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._format import DTYPES
 from polyak.safetensors._reader import Checkpoint
-from polyak.safetensors._writer import CheckpointWriter
+from polyak.safetensors._writer import CheckpointWriter, output_size
 from polyak.schedules import Schedule, explicit, resolve
 
 __all__ = [
@@ -85,6 +86,30 @@ def parse_dtype(dtype: Any) -> np.dtype | None:
     return found
 
 
+def _parse_accumulate_dtype(dtype: Any) -> np.dtype | None:
+    """The accumulation dtype named by ``dtype`` ("float64", "fp64", np.float64...).
+
+    Only numpy's own floats: a complex accumulator would drop its imaginary part at the end
+    (with a ComplexWarning), and bf16/fp8 cannot raise float32's precision.
+    """
+    if dtype is None:
+        return None
+    found: np.dtype | None
+    if isinstance(dtype, str):
+        found = _DTYPE_NAMES.get(dtype.strip().lower())
+    else:
+        try:
+            found = np.dtype(dtype)
+        except TypeError:
+            found = None
+    if found is None or found.kind != "f":
+        raise DtypeError(
+            f"accumulate_dtype={dtype!r} cannot be used: give float64 (or fp64, double) to "
+            "accumulate in float64; float32 is already the least polyak accumulates in"
+        )
+    return found
+
+
 _SIZE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -113,6 +138,19 @@ def parse_size(size: int | str | None) -> int | None:
     if value <= 0:
         raise PolyakError(f"max_shard_size must be positive, got max_shard_size={size!r}")
     return value
+
+
+def _shard_size(max_shard_size: int | str | None, outputs: Sequence[Path]) -> int | None:
+    """``max_shard_size`` in bytes, refused when no output is a directory (it would be
+    silently ignored: a ``.safetensors`` output is always one file)."""
+    size = parse_size(max_shard_size)
+    if size is not None and all(os.fspath(o).endswith(".safetensors") for o in outputs):
+        raise PolyakError(
+            f"max_shard_size={max_shard_size!r} applies to a directory output, but "
+            f"{', '.join(os.fspath(o) for o in outputs)} is a single .safetensors file; name a "
+            "directory to get a sharded checkpoint"
+        )
+    return size
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -183,7 +221,7 @@ class MergePlan:
         tensors: (name, input dtype, output dtype, shape) per tensor.
         weights: one weight vector per output.
         bytes_to_read: input bytes the merge reads (inputs with weight 0 everywhere are skipped).
-        bytes_to_write: bytes written per output (headers included).
+        bytes_to_write: bytes written per output (headers, metadata and index included).
         buffer_bytes: buffer memory of all threads together.
         threads: worker threads.
         warnings: e.g. the natural-order warning.
@@ -254,6 +292,8 @@ class _Job:
         accumulate_dtype: Any,
         threads: int | None,
         chunk_elements: int | None,
+        schedules: Sequence[Schedule | None] | None = None,
+        metadata: Sequence[Mapping[str, str] | None] | None = None,
     ) -> None:
         if isinstance(inputs, (str, os.PathLike)):
             raise PolyakError(
@@ -263,23 +303,48 @@ class _Job:
         self.outputs = [os.fspath(p) for p in outputs]
         if not self.inputs:
             raise EmptyInputError("no checkpoints to merge: inputs is empty")
+        if not self.outputs:
+            raise OutputError("no outputs given: pass one output path per weight vector")
+        weight_vectors = list(weight_vectors)
+        if len(weight_vectors) != len(self.outputs):
+            raise WeightsError(
+                f"{len(weight_vectors)} weight vectors for {len(self.outputs)} outputs; give one "
+                "weight vector per output"
+            )
         if len(set(map(os.path.abspath, self.outputs))) != len(self.outputs):
             raise OutputError(f"the same output path is given twice: {self.outputs}")
         self.warnings = [w for w in [natural_order_problem(self.inputs)] if w]
         self.out_dtype = parse_dtype(dtype)
+        accumulate_dtype = _parse_accumulate_dtype(accumulate_dtype)
         _kernel.check_int_policy(int_policy)
         self.int_policy = int_policy
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1
+        ):
+            # int() would crash on "x" with a bare ValueError and quietly turn 2.5 into 2.
+            raise PolyakError(f"threads must be an int >= 1, got threads={threads!r}")
         self.threads = _default_threads() if threads is None else int(threads)
-        if self.threads < 1:
-            raise PolyakError(f"threads must be >= 1, got threads={threads!r}")
-        self.chunk_elements = chunk_elements or _stream.CHUNK_ELEMENTS
+        self.chunk_elements = _stream.CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
+        if (
+            isinstance(self.chunk_elements, bool)
+            or not isinstance(self.chunk_elements, numbers.Integral)
+            or (self.chunk_elements < 1)
+        ):
+            # 0 or less would silently mean one element per step: a merge 10**5 times slower.
+            raise PolyakError(
+                f"chunk_elements must be an int >= 1, got chunk_elements={chunk_elements!r}"
+            )
         n = len(self.inputs)
         self.weights = []
-        for w in weight_vectors:
+        for k, w in enumerate(weight_vectors):
+            w = np.asarray(w, np.float64)
+            if w.shape != (n,):
+                raise WeightsError(
+                    f"weight vector {k} has {w.size} weights but {n} checkpoints were given "
+                    "(one weight per input, oldest first)"
+                )
             # One code path for validation and normalisation: the same one polyak.average uses.
-            self.weights.append(
-                explicit(list(np.asarray(w, np.float64))).weights(n, normalize=normalize)
-            )
+            self.weights.append(explicit(list(w)).weights(n, normalize=normalize))
         self.checkpoints = [stack.enter_context(Checkpoint(p)) for p in self.inputs]
         self.plans = _stream.plan(
             self.checkpoints,
@@ -289,6 +354,48 @@ class _Job:
             accumulate_dtype=accumulate_dtype,
         )
         self._check_outputs()
+        self.metadata = [
+            self._metadata(w, sched, base)
+            for w, sched, base in zip(
+                self.weights,
+                self.per_output(schedules, "schedules"),
+                self.per_output(metadata, "metadata"),
+                strict=True,
+            )
+        ]
+
+    def per_output(self, values: Sequence[Any] | None, name: str) -> list[Any]:
+        """``values`` checked to give one entry per output (None: None for every output)."""
+        if values is None:
+            return [None] * len(self.outputs)
+        if isinstance(values, (str, Mapping)) or len(values) != len(self.outputs):
+            raise PolyakError(
+                f"{name} must give one entry per output ({len(self.outputs)}), got {values!r:.200}"
+            )
+        return list(values)
+
+    def _metadata(
+        self, w: np.ndarray, sched: Schedule | None, base: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """An output's ``__metadata__``: ``base`` (default: the first input's) + the record."""
+        if base is None:
+            meta = dict(self.checkpoints[0].metadata or {})
+        elif isinstance(base, Mapping) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in base.items()
+        ):
+            meta = dict(base)
+        else:
+            raise PolyakError(f"metadata entries must map strings to strings, got {base!r:.200}")
+        record: dict[str, Any] = {
+            "schedule": _describe(sched),
+            "weights": [float(x) for x in w],
+            "int_policy": self.int_policy,
+            "inputs": [os.path.basename(os.path.normpath(p)) for p in self.inputs],
+        }
+        if self.out_dtype is not None:
+            record["dtype"] = str(self.out_dtype)
+        meta["polyak"] = json.dumps(record, default=repr)
+        return meta
 
     def _check_outputs(self) -> None:
         protect = set()
@@ -309,10 +416,12 @@ class _Job:
 
     @property
     def bytes_to_read(self) -> int:
-        used = [i for i in range(len(self.inputs)) if any(w[i] != 0 for w in self.weights)]
+        n = len(self.inputs)
+        used = [i for i in range(n) if any(w[i] != 0 for w in self.weights)]
+        ints = _stream.int_inputs(self.weights, n, self.int_policy)
         total = 0
         for p in self.plans:
-            count = len(used) if p.acc_dtype is not None else len(self.inputs)
+            count = len(used) if p.acc_dtype is not None else len(ints)
             total += p.size * p.dtype.itemsize * count
         return total
 
@@ -339,12 +448,29 @@ def plan_merge(
     accumulate_dtype: Any = None,
     threads: int | None = None,
     max_shard_size: int | str | None = None,
+    schedules: Sequence[Schedule | None] | None = None,
+    metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
 
     Takes the arguments of :func:`merge_many` and raises what it would raise before writing;
-    ``polyak merge --dry-run`` prints the result.
+    ``polyak merge --dry-run`` prints the result. Every input header is read and checked; no
+    tensor data is read.
+
+    Args:
+        inputs: checkpoint paths (files or sharded directories), oldest first.
+        outputs: one path per weight vector (``*.safetensors`` file or a directory).
+        weight_vectors: per output, one weight per input, oldest first.
+        normalize: divide each vector by its sum.
+        dtype: cast float tensors of the outputs (e.g. ``"bfloat16"``).
+        int_policy: integer/bool tensors, as in :func:`polyak.average`.
+        accumulate_dtype: raise the accumulation precision (``"float64"``).
+        threads: worker threads (default: the usable cores, at most 8).
+        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
+        schedules: per output, the schedule recorded in the metadata (sizes the header).
+        metadata: per output, the ``__metadata__`` to write instead of the first input's.
+        chunk_elements: elements per read-and-accumulate step (sizes the buffers).
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
@@ -364,15 +490,24 @@ def plan_merge(
         >>> plan.weights, plan.bytes_to_read
         (((0.25, 0.75),), 8000)
     """
-    parse_size(max_shard_size)  # validated like merge_many does
+    shard_bytes = _shard_size(max_shard_size, outputs)  # validated first, as merge_many does
     with contextlib.ExitStack() as stack:
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
             int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
-            chunk_elements=chunk_elements,
+            chunk_elements=chunk_elements, schedules=schedules, metadata=metadata,
         )  # fmt: skip
-        data = sum(p.size * p.out_dtype.itemsize for p in job.plans)
-        header = 64 * (len(job.plans) + 1)  # an upper bound of the JSON per tensor, roughly
+        sizes = tuple(
+            output_size(
+                out,
+                job.entries(),
+                metadata=job.metadata[k],
+                layout=job.layout(out, shard_bytes),
+                max_shard_size=shard_bytes,
+                index_metadata=job.checkpoints[0].index_metadata,
+            )
+            for k, out in enumerate(job.outputs)
+        )
         per_thread = _stream.buffer_bytes(
             job.plans, len(job.inputs), len(job.outputs), job.chunk_elements
         )
@@ -382,7 +517,7 @@ def plan_merge(
             tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
             weights=tuple(tuple(float(x) for x in w) for w in job.weights),
             bytes_to_read=job.bytes_to_read,
-            bytes_to_write=tuple(data + header for _ in job.outputs),
+            bytes_to_write=sizes,
             buffer_bytes=per_thread * job.threads,
             threads=job.threads,
             warnings=tuple(job.warnings),
@@ -402,13 +537,15 @@ def merge_many(
     progress: Progress = None,
     max_shard_size: int | str | None = None,
     schedules: Sequence[Schedule | None] | None = None,
+    metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
 
     Each input slice is read once and folded into one accumulator per output, so K outputs
     cost one read of the inputs (post-hoc EMA builds several averages of the same snapshots).
-    Every output is written atomically; if anything fails, none of them appears.
+    Every output is written atomically, and all are flushed to disk before the first is
+    renamed: if anything fails short of the renames themselves, none of them appears.
 
     Args:
         inputs: checkpoint paths (files or sharded directories), oldest first.
@@ -420,8 +557,12 @@ def merge_many(
         accumulate_dtype: raise the accumulation precision (``"float64"``).
         threads: worker threads (default: the usable cores, at most 8).
         progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
-        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
+        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes); an
+            error when every output is a ``.safetensors`` file.
         schedules: per output, the schedule recorded in the metadata (else "explicit").
+        metadata: per output, the ``__metadata__`` to write instead of the first input's
+            (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
+            is added to every output either way.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
 
     Returns:
@@ -434,6 +575,8 @@ def merge_many(
         WeightsError: bad weights (count, NaN/inf, sum <= 0 when normalizing).
         DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
         OutputError: an output would overwrite an input.
+        PolyakError: ``schedules`` or ``metadata`` does not give one entry per output, or a
+            ``metadata`` entry is not a map of strings to strings.
         OutputWriteError: the disk is full or the file too large; nothing is left behind.
 
     Example:
@@ -449,36 +592,25 @@ def merge_many(
         [2.0, 1.0]
     """
     t0 = time.perf_counter()
-    shard_bytes = parse_size(max_shard_size)
+    shard_bytes = _shard_size(max_shard_size, outputs)
     with contextlib.ExitStack() as stack:
         job = _Job(
             stack, inputs, outputs, weight_vectors, normalize=normalize, dtype=dtype,
             int_policy=int_policy, accumulate_dtype=accumulate_dtype, threads=threads,
-            chunk_elements=chunk_elements,
+            chunk_elements=chunk_elements, schedules=schedules, metadata=metadata,
         )  # fmt: skip
         for text in job.warnings:
             warnings.warn(text, OrderWarning, stacklevel=3)
-        if schedules is None:
-            schedules = [None] * len(job.outputs)
+        schedules = job.per_output(schedules, "schedules")
         first = job.checkpoints[0]
         writers: list[CheckpointWriter] = []
         try:
-            for out, w, sched in zip(job.outputs, job.weights, schedules, strict=True):
-                record = {
-                    "schedule": _describe(sched),
-                    "weights": [float(x) for x in w],
-                    "int_policy": int_policy,
-                    "inputs": [os.path.basename(os.path.normpath(p)) for p in job.inputs],
-                }
-                if job.out_dtype is not None:
-                    record["dtype"] = str(job.out_dtype)
-                metadata = dict(first.metadata or {})
-                metadata["polyak"] = json.dumps(record, default=repr)
+            for k, out in enumerate(job.outputs):
                 writers.append(
                     CheckpointWriter(
                         out,
                         job.entries(),
-                        metadata=metadata,
+                        metadata=job.metadata[k],
                         layout=job.layout(out, shard_bytes),
                         max_shard_size=shard_bytes,
                         index_metadata=first.index_metadata,
@@ -497,6 +629,10 @@ def merge_many(
                     progress=tick,
                     labels=job.inputs,
                 )
+            # Every output on disk before any is renamed: a full disk found by the last fsync
+            # must not leave the first outputs behind.
+            for wr in writers:
+                wr.sync()
             for wr in writers:
                 wr.commit()
         except BaseException:
@@ -577,7 +713,8 @@ def merge(
         int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
         threads: worker threads (default: the usable cores, at most 8).
         progress: ``True`` for a tqdm progress bar by bytes, or a callable ``(done, total)``.
-        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``.
+        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
+            for a directory ``output`` only.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
 
     Returns:
@@ -613,6 +750,11 @@ def merge(
     if n == 0:
         raise EmptyInputError("no checkpoints to merge: inputs is empty")
     sched = resolve(schedule)
+    if sched.name == "explicit" and len(sched.params["weights"]) != n:
+        raise WeightsError(
+            f"{len(sched.params['weights'])} weights but {n} checkpoints were given "
+            "(one weight per input, oldest first)"
+        )
     w = sched.weights(n, normalize=normalize)
     (report,) = merge_many(
         inputs,

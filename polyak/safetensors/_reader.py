@@ -171,16 +171,11 @@ class Checkpoint:
         except BaseException:
             self.close()
             raise
-        self._where: dict[str, tuple[SafetensorsFile, TensorInfo]] = {}
-        for f in self.files:
-            for name, info in f.tensors.items():
-                if name in self._where:
-                    raise HeaderError(
-                        f"{self.path}: tensor {name!r} appears in both "
-                        f"{os.path.basename(self._where[name][0].path)} and "
-                        f"{os.path.basename(f.path)}"
-                    )
-                self._where[name] = (f, info)
+        # Names are unique across shards: _open checked that each shard holds only the
+        # tensors the index maps to it, and the index maps each name to one shard.
+        self._where: dict[str, tuple[SafetensorsFile, TensorInfo]] = {
+            name: (f, info) for f in self.files for name, info in f.tensors.items()
+        }
 
     def _open(self) -> None:
         if not os.path.exists(self.path):

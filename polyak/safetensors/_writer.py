@@ -30,6 +30,7 @@ __all__ = [
     "shard_names",
     "split_shards",
     "check_not_input",
+    "output_size",
 ]
 
 _HINTS = {
@@ -52,7 +53,7 @@ def check_not_input(path: str, protect: set[tuple[int, int]]) -> None:
     """Raise OutputError when ``path`` exists and is one of the protected (input) files."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return
     if (st.st_dev, st.st_ino) in protect:
         raise OutputError(f"output {path} is one of the inputs; refusing to overwrite it")
@@ -321,6 +322,63 @@ def _old_shards(index_path: str) -> list[str]:
     )
 
 
+_INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shard_plan(
+    directory: str,
+    entries: Sequence[Entry],
+    layout: Sequence[tuple[str, Sequence[str]]] | None,
+    max_shard_size: int | None,
+) -> list[tuple[str, list[Entry]]]:
+    """(shard path, its entries) for a sharded output: ``layout``, else split by size."""
+    if layout is None:
+        groups = split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
+        names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
+        layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
+    by_name = {e[0]: e for e in entries}
+    return [(os.path.join(directory, n), [by_name[t] for t in ts]) for n, ts in layout]
+
+
+def _index_bytes(
+    plan: Sequence[tuple[str, Sequence[Entry]]],
+    entries: Sequence[Entry],
+    index_metadata: Mapping[str, Any] | None,
+) -> bytes:
+    total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
+    meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
+    weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
+    index = {
+        "metadata": {"total_size": total, **meta},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+
+def output_size(
+    path: str | os.PathLike[str],
+    entries: Sequence[Entry],
+    *,
+    metadata: Mapping[str, str] | None = None,
+    layout: Sequence[tuple[str, Sequence[str]]] | None = None,
+    max_shard_size: int | None = None,
+    index_metadata: Mapping[str, Any] | None = None,
+) -> int:
+    """Bytes :class:`CheckpointWriter` with these arguments writes (headers and index included),
+    computed without touching the file system."""
+    path = os.fspath(path)
+    coded = [(name, dtype_code(dt), tuple(shape)) for name, dt, shape in entries]
+    data = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in entries)
+    if path.endswith(".safetensors"):
+        return len(encode_header(coded, metadata)[0]) + data
+    plan = _shard_plan(path, entries, layout, max_shard_size)
+    codes = {name: (code, shape) for name, code, shape in coded}
+    heads = sum(
+        len(encode_header([(e[0], *codes[e[0]]) for e in es], metadata)[0]) for _, es in plan
+    )
+    return heads + data + len(_index_bytes(plan, entries, index_metadata))
+
+
 class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
@@ -356,43 +414,40 @@ class CheckpointWriter:
         self.single = self.path.endswith(".safetensors")
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
-        self._index: tuple[str, dict[str, Any]] | None = None
+        self._index: tuple[str, bytes] | None = None
         self._stale: list[str] = []
-        by_name = {e[0]: e for e in entries}
+        self._created: str | None = None  # the output folder, when this writer made it
         if self.single:
             if os.path.isdir(self.path):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
             parent = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(parent):
-                raise OutputError(f"output folder {parent} does not exist")
+                problem = "is not a directory" if os.path.exists(parent) else "does not exist"
+                raise OutputError(f"output folder {parent} {problem}")
             check_not_input(self.path, protect)
             plan = [(self.path, list(entries))]
         else:
-            if os.path.exists(self.path) and not os.path.isdir(self.path):
+            # normpath drops a trailing "/", through which a file would look absent.
+            existing = os.path.normpath(self.path)
+            if os.path.exists(existing) and not os.path.isdir(existing):
                 raise OutputError(
                     f"output {self.path} exists and is not a directory; name a directory for a "
                     "sharded checkpoint or a '.safetensors' file"
                 )
-            if layout is None:
-                groups = (
-                    split_shards(entries, max_shard_size) if max_shard_size else [list(entries)]
-                )
-                names = shard_names(len(groups)) if len(groups) > 1 else ["model.safetensors"]
-                layout = [(n, [e[0] for e in g]) for n, g in zip(names, groups, strict=True)]
-            plan = [(os.path.join(self.path, n), [by_name[t] for t in ts]) for n, ts in layout]
-            index_path = os.path.join(self.path, "model.safetensors.index.json")
+            plan = _shard_plan(self.path, entries, layout, max_shard_size)
+            index_path = os.path.join(self.path, _INDEX_NAME)
             for p, _ in plan:
                 check_not_input(p, protect)
             check_not_input(index_path, protect)
-            os.makedirs(self.path, exist_ok=True)
-            total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
-            meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
-            weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
-            index = {
-                "metadata": {"total_size": total, **meta},
-                "weight_map": dict(sorted(weight_map.items())),
-            }
-            self._index = (index_path, index)
+            try:
+                if not os.path.isdir(self.path):
+                    os.makedirs(self.path)
+                    self._created = self.path
+            except OSError as e:
+                raise OutputError(
+                    f"cannot create output directory {self.path}: {e.strerror}"
+                ) from None
+            self._index = (index_path, _index_bytes(plan, entries, index_metadata))
             new = {os.path.basename(p) for p, _ in plan}
             self._stale = [
                 os.path.join(self.path, f) for f in _old_shards(index_path) if f not in new
@@ -419,17 +474,24 @@ class CheckpointWriter:
     def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
         self._route[name].write(name, elem_start, array)
 
+    def sync(self) -> None:
+        """Flush every shard to disk (a late full disk fails here); removes all on failure."""
+        try:
+            for w in self._writers:
+                w.sync()
+        except BaseException:
+            self.abort()
+            raise
+
     def commit(self) -> None:
         """Make every shard (and then the index) appear under its final name."""
         try:
             # Sync everything before renaming anything, so a failure leaves no new shard.
-            for w in self._writers:
-                w.sync()
+            self.sync()
             for w in self._writers:
                 w.commit()
             if self._index is not None:
-                index_path, index = self._index
-                data = (json.dumps(index, indent=2) + "\n").encode("utf-8")
+                index_path, data = self._index
                 f = AtomicFile(index_path, len(data))
                 try:
                     f.pwrite(data, 0)
@@ -440,6 +502,7 @@ class CheckpointWriter:
         except BaseException:
             self.abort()
             raise
+        self._created = None  # the folder now holds the checkpoint: keep it
         # Shards of the checkpoint this one replaced, which the new index no longer names
         # (as Hugging Face's save_pretrained cleans up): left behind, they would be mistaken
         # for part of the new checkpoint.
@@ -450,5 +513,12 @@ class CheckpointWriter:
                 pass
 
     def abort(self) -> None:
+        """Remove everything written so far, and the output folder if this writer made it."""
         for w in self._writers:
             w.abort()
+        if self._created is not None:
+            try:
+                os.rmdir(self._created)  # only if still empty: it never removes anything else
+            except OSError:
+                pass
+            self._created = None
