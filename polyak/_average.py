@@ -63,7 +63,7 @@ def average(
     Args:
         params_list: a non-empty sequence of pytrees with identical structure (nested
             dict / OrderedDict / list / tuple / namedtuple; Keras ``get_weights()`` lists,
-            torch ``state_dict()``s, JAX/Flax params), index 0 the OLDEST snapshot.
+            torch ``state_dict()`` dicts, JAX/Flax params), index 0 the OLDEST snapshot.
         schedule: ``None``/``"equal"``, a name such as ``"linear"`` or ``"exponential"``, a
             :class:`polyak.Schedule`, explicit weights (oldest first) or a callable
             ``n -> weights``.

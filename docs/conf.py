@@ -1,0 +1,66 @@
+"""Sphinx configuration of the polyak documentation.
+
+Build with warnings as errors (what CI does, through tests/test_docs.py):
+
+    python3 -m sphinx -W --keep-going -b html docs docs/_build/html
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(DOCS))  # this checkout's polyak, installed or not
+sys.path.insert(0, os.path.join(DOCS, "_ext"))
+
+# Autodoc imports polyak.keras, and Keras defaults to TensorFlow, which may be absent.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import polyak  # noqa: E402
+
+project = "polyak"
+author = "polyak maintainers"
+copyright = "polyak maintainers"
+release = polyak.__version__
+version = release
+
+extensions = [
+    "myst_parser",
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "schedule_plots",
+    "api_coverage",
+]
+
+source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
+exclude_patterns = ["_build", "generated", "examples", "Thumbs.db", ".DS_Store"]
+myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
+myst_heading_anchors = 3
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "description"
+autodoc_typehints_format = "short"
+autodoc_default_options = {"show-inheritance": True}
+autosummary_generate = False
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+# Attributes sections as fields of their class: NamedTuple fields are already documented by
+# autodoc, and a second description of each would be a duplicate-object warning.
+napoleon_use_ivar = True
+
+html_theme = "furo"
+html_title = f"polyak {release}"
+
+# The modules whose public names must all be documented (see _ext/api_coverage.py).
+api_coverage_modules = [
+    "polyak",
+    "polyak.schedules",
+    "polyak.safetensors",
+    "polyak.keras",
+    "polyak.posthoc",
+    "polyak.soup",
+]
