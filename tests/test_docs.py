@@ -28,7 +28,10 @@ FENCE = re.compile(r"^```(\w+)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
 # Pages whose non-doctest python blocks are fragments of a longer program (``train_step``,
 # files of a fine-tuning run): they are compiled, not run, until they are rewritten as
 # runnable blocks or as ``{code-block} python`` directives. Their doctest blocks still run.
-FRAGMENT_PAGES = {"posthoc.md", "soups.md"}
+# soups.md shows how a torch model and Keras models plug in (names such as `model` and
+# `val_loader` are the reader's): those blocks are compiled, and docs/examples/greedy_soup.py
+# runs the same calls end to end.
+FRAGMENT_PAGES = {"soups.md"}
 # Keras picks its backend on first import and defaults to TensorFlow, which may be absent.
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
