@@ -277,6 +277,11 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="validate the inputs and print the plan without writing anything",
     )
+    add_progress_arguments(p)
+
+
+def add_progress_arguments(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (default: a bar when stderr is a terminal)."""
     prog = p.add_mutually_exclusive_group()
     prog.add_argument(
         "--progress",
@@ -578,17 +583,7 @@ def _add_posthoc(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="find the snapshots and print the coefficients without writing anything",
     )
-    prog = p.add_mutually_exclusive_group()
-    prog.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="show a progress bar (default: when stderr is a terminal)",
-    )
-    prog.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
-    )
+    add_progress_arguments(p)
 
 
 def cmd_posthoc(args: argparse.Namespace) -> int:
