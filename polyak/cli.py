@@ -193,11 +193,9 @@ def _is_number(text: str) -> bool:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    from polyak.safetensors._merge import _human as human
+
+    return human(n)
 
 
 def _weights_table(
