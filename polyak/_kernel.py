@@ -144,21 +144,30 @@ def accumulate(
 
     ``x`` may be any float dtype (bf16 and fp8 included): it is cast up to ``acc.dtype``
     before the multiply, so a low-precision product is never rounded. ``scratch`` has the
-    shape and dtype of ``acc``; no memory is allocated.
+    shape and dtype of ``acc`` (it may be ``acc`` itself when ``first``); no memory is
+    allocated.
     """
-    if w == 1.0:
-        # Equal-weight merges (equal, tail, swa) have unit coefficients: one pass, not two,
-        # and the same bits, since 1 * x is exact.
-        if first:
-            np.copyto(acc, x, casting="same_kind")
-        else:
-            np.add(acc, x, out=acc, dtype=acc.dtype)
-        return
+    if x.dtype != acc.dtype:
+        # Cast into a buffer we own: a ufunc given a mixed-dtype operand allocates a
+        # conversion buffer on every call, and is no faster than this exact up-cast.
+        target = acc if first else scratch
+        np.copyto(target, x, casting="same_kind")
+        x = target
     wt = acc.dtype.type(w)
     if first:
-        np.multiply(x, wt, out=acc, dtype=acc.dtype)
+        if x is acc:
+            if w != 1.0:
+                np.multiply(acc, wt, out=acc)
+        elif w == 1.0:
+            np.copyto(acc, x)
+        else:
+            np.multiply(x, wt, out=acc)
+    elif w == 1.0:
+        # Equal-weight merges (equal, tail, swa) have unit coefficients: 1 * x is exact,
+        # so skip the multiply.
+        np.add(acc, x, out=acc)
     else:
-        np.multiply(x, wt, out=scratch, dtype=acc.dtype)
+        np.multiply(x, wt, out=scratch)
         np.add(acc, scratch, out=acc)
 
 

@@ -205,20 +205,11 @@ def _fold_numpy(
         return
     scratch = _scratch(workspace, acc.dtype)
     d = acc.dtype.type(decay)
-    cast = x.dtype != acc.dtype
-    w = acc.dtype.type(weight)
     for start in range(0, size, _kernel.CHUNK_ELEMENTS):
         stop = min(start + _kernel.CHUNK_ELEMENTS, size)
-        a, xc, s = flat_acc[start:stop], flat_x[start:stop], scratch[: stop - start]
+        a = flat_acc[start:stop]
         np.multiply(a, d, out=a)
-        if cast:
-            # The kernel's casting multiply has numpy allocate a conversion buffer per call;
-            # copyto casts without one (the same exact up-cast, so the same result).
-            np.copyto(s, xc, casting="unsafe")
-            np.multiply(s, w, out=s)
-            np.add(a, s, out=a)
-        else:
-            _kernel.accumulate(a, xc, weight, s, first=False)
+        _kernel.accumulate(a, flat_x[start:stop], weight, scratch[: stop - start], first=False)
 
 
 def _fold_torch_cpu_cast(acc: Any, x: Any, weight: float, workspace: dict[Any, Any]) -> None:

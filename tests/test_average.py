@@ -387,3 +387,25 @@ def test_dtype_preserved_for_every_float_dtype():
         got = polyak.average([np.ones(3, dtype), np.zeros(3, dtype)])
         assert got.dtype == dtype and np.all(got.astype(np.float64) == 0.5)
     random.seed(0)
+
+
+@pytest.mark.parametrize("dtype", [BF16, np.dtype(np.float16), np.dtype(np.float32)])
+@pytest.mark.parametrize("w", [1.0, 0.3])
+def test_kernel_accumulate_allocates_nothing(dtype, w):
+    import tracemalloc
+
+    from polyak import _kernel
+
+    x = np.random.default_rng(5).normal(size=_kernel.CHUNK_ELEMENTS).astype(dtype)
+    acc = np.empty(x.size, np.float32)
+    scratch = np.empty_like(acc)
+    _kernel.accumulate(acc, x, w, scratch, first=True)  # warm up numpy's own caches
+    tracemalloc.start()
+    try:
+        _kernel.accumulate(acc, x, w, scratch, first=True)
+        _kernel.accumulate(acc, x, w, scratch, first=False)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1024, peak
+    np.testing.assert_array_equal(acc, 2 * (x.astype(np.float32) * np.float32(w)))
