@@ -28,7 +28,7 @@ from polyak import _online_leaves as _leaves
 from polyak import schedules as _schedules
 from polyak._errors import EmptyInputError, NoOnlineFormError, PolyakError, StructureError
 from polyak._kernel import check_int_policy
-from polyak._tree import flatten, where
+from polyak._tree import flatten, path_mismatch, where
 
 __all__ = ["OnlineState", "init", "update", "value", "Averager"]
 
@@ -202,19 +202,13 @@ def _match_paths(
     Raises:
         StructureError: listing every missing and unexpected leaf path, sorted.
     """
+    error = path_mismatch(
+        new_accessors, old_accessors, _ROOT, "the structure of the first snapshot"
+    )
+    if error is not None:
+        raise error
     old = [where(a, root=_ROOT) for a in old_accessors]
     by_path = {where(a, root=_ROOT): (leaf, a) for a, leaf in zip(new_accessors, leaves)}
-    missing = sorted(set(old) - set(by_path))
-    unexpected = sorted(set(by_path) - set(old))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} leaves: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} leaves: {', '.join(unexpected)}")
-        raise StructureError(
-            f"{_ROOT} does not match the structure of the first snapshot: " + "; ".join(parts)
-        )
     matched = [by_path[path] for path in old]
     return [leaf for leaf, _ in matched], [a for _, a in matched]
 

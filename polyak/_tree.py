@@ -8,7 +8,7 @@ import optree
 
 from polyak._errors import StructureError
 
-__all__ = ["flatten", "where", "check_same_structure"]
+__all__ = ["flatten", "where", "check_same_structure", "path_mismatch"]
 
 
 def flatten(tree: Any) -> tuple[list[Any], list[optree.PyTreeAccessor], optree.PyTreeSpec]:
@@ -33,19 +33,35 @@ def check_same_structure(
     """Raise :class:`StructureError` listing every missing and unexpected leaf, sorted."""
     if spec == ref_spec:
         return
-    mine = {a.codify(""): a for a in accessors}
-    ref = {a.codify(""): a for a in ref_accessors}
-    missing = sorted(set(ref) - set(mine))
-    unexpected = sorted(set(mine) - set(ref))
+    error = path_mismatch(accessors, ref_accessors, root, ref_root)
+    if error is not None:
+        raise error
+    # Same leaf paths, different containers (list vs tuple, dict vs OrderedDict, order).
+    raise StructureError(
+        f"{root} does not match {ref_root}: structure {_clip(str(spec))} != {_clip(str(ref_spec))}"
+    )
+
+
+def path_mismatch(
+    accessors: list[optree.PyTreeAccessor],
+    ref_accessors: list[optree.PyTreeAccessor],
+    root: str,
+    ref_root: str,
+) -> StructureError | None:
+    """A :class:`StructureError` listing missing and unexpected leaf paths, sorted; ``None``
+    when both trees have the same leaf paths (their containers may still differ)."""
+    mine = {a.codify("") for a in accessors}
+    ref = {a.codify("") for a in ref_accessors}
+    missing = sorted(ref - mine)
+    unexpected = sorted(mine - ref)
     parts = []
     if missing:
         parts.append(f"missing {len(missing)} leaves: {_preview(root, missing)}")
     if unexpected:
         parts.append(f"unexpected {len(unexpected)} leaves: {_preview(root, unexpected)}")
     if not parts:
-        # Same leaf paths, different containers (list vs tuple, dict vs OrderedDict, order).
-        parts.append(f"structure {_clip(str(spec))} != {_clip(str(ref_spec))}")
-    raise StructureError(f"{root} does not match {ref_root}: " + "; ".join(parts))
+        return None
+    return StructureError(f"{root} does not match {ref_root}: " + "; ".join(parts))
 
 
 def _preview(root: str, paths: list[str], limit: int = 8) -> str:
