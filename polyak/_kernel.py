@@ -46,7 +46,6 @@ _ML_FLOATS = frozenset(
         "float8_e5m2",
         "float8_e5m2fnuz",
         "float8_e3m4",
-        "float8_e8m0fnu",
         "float6_e2m3fn",
         "float6_e3m2fn",
         "float4_e2m1fn",
@@ -60,14 +59,21 @@ _ML_INTS = frozenset(
 )
 
 
+# Power-of-two scales (MX block scales): an arithmetic mean of exponents means little, so
+# they follow int_policy like step counters; "average" casts the float64 mean back.
+_ML_SCALES = frozenset(
+    np.dtype(getattr(ml_dtypes, name)) for name in ("float8_e8m0fnu",) if hasattr(ml_dtypes, name)
+)
+
+
 def dtype_kind(dtype: np.dtype) -> str:
-    """``"float"``, ``"complex"``, ``"int"`` (ints and bools) or ``"other"``."""
+    """``"float"``, ``"complex"``, ``"int"`` (ints, bools, e8m0 scales) or ``"other"``."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f" or dtype in _ML_FLOATS:
         return "float"
     if dtype.kind == "c":
         return "complex"
-    if dtype.kind in "iub" or dtype in _ML_INTS:
+    if dtype.kind in "iub" or dtype in _ML_INTS or dtype in _ML_SCALES:
         return "int"
     return "other"
 
@@ -214,6 +220,8 @@ def combine_ints(
     for a, w in zip(arrays, weights):
         if w != 0:
             acc += w * np.asarray(a, dtype=np.float64)
+    if dtype in _ML_SCALES:
+        return acc.astype(dtype)
     np.rint(acc, out=acc)
     if dtype.kind == "b":
         return acc != 0

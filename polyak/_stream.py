@@ -157,9 +157,10 @@ def plan(
             if int_policy == "error":
                 _kernel.combine_ints([np.zeros(0, dtype)], np.ones(1), "error", where)
             plans.append(TensorPlan(name, dtype, tuple(shape), dtype, None))
-        elif kind == "float":
+        elif kind in ("float", "complex"):
             acc = _kernel.accumulator_dtype(dtype, accumulate_dtype)
-            out = np.dtype(out_dtype) if out_dtype is not None else dtype
+            # out_dtype is a float type: complex tensors keep their own dtype.
+            out = np.dtype(out_dtype) if out_dtype is not None and kind == "float" else dtype
             plans.append(TensorPlan(name, dtype, tuple(shape), out, acc))
         else:
             raise DtypeError(f"{where}: dtype {dtype} cannot be averaged")
@@ -193,7 +194,8 @@ def int_inputs(weight_vectors: Sequence[np.ndarray], n: int, int_policy: str) ->
 
 
 def _sub_elements(plans: Sequence[TensorPlan], chunk_elements: int) -> int:
-    return max(1, min(chunk_elements, max((p.size for p in plans), default=1)))
+    sub = max(1, min(chunk_elements, max((p.size for p in plans), default=1)))
+    return sub + sub % 2  # even, so that spans of packed F4 values cover whole bytes
 
 
 def buffer_bytes(

@@ -35,6 +35,10 @@ __all__ = [
     "parse_header",
     "encode_header",
     "pread_into",
+    "PACKED",
+    "storage_nbytes",
+    "pack_f4",
+    "unpack_f4",
 ]
 
 MAX_HEADER_BYTES = 100_000_000
@@ -57,8 +61,17 @@ DTYPES: Mapping[str, np.dtype] = MappingProxyType(
         "BF16": np.dtype(ml_dtypes.bfloat16),
         "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
         "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+        "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+        "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+        "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+        "F4": np.dtype(ml_dtypes.float4_e2m1fn),
+        "C64": np.dtype("<c8"),
     }
 )
+# F4 is stored packed, two values per byte, the first in the low nibble (as torch's
+# float4_e2m1fn_x2 and the OCP MX layout); shapes count values, as the official library does.
+# ml_dtypes holds one value per byte, so readers unpack and writers pack.
+PACKED = frozenset({"F4"})
 _CODES = {dt: code for code, dt in DTYPES.items()}
 _TENSOR_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
@@ -112,6 +125,29 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
             )
         buf = buf[n:]
         offset += n
+
+
+def storage_nbytes(dtype: Any, numel: int) -> int:
+    """Bytes ``numel`` values of ``dtype`` take in a safetensors file (F4 packs two per byte)."""
+    dt = np.dtype(dtype)
+    if _CODES.get(dt) in PACKED:
+        return (numel + 1) // 2
+    return numel * dt.itemsize
+
+
+def pack_f4(values: np.ndarray) -> np.ndarray:
+    """Pack float4_e2m1fn values into bytes, the first in the low nibble."""
+    raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
+    if raw.size % 2:  # only a tensor's odd tail, which parse_header refuses to read back
+        raw = np.append(raw, np.uint8(0))
+    return (raw[0::2] & 0x0F) | ((raw[1::2] & 0x0F) << 4)
+
+
+def unpack_f4(packed: np.ndarray, out: np.ndarray) -> None:
+    """Unpack bytes into ``out`` (float4_e2m1fn, ``2 * packed.size`` values)."""
+    raw = out.reshape(-1).view(np.uint8)
+    np.bitwise_and(packed, 0x0F, out=raw[0::2])
+    np.right_shift(packed, 4, out=raw[1::2])
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -216,7 +252,12 @@ def parse_header(fd: int, path: str, file_size: int) -> Header:
             )
         dtype = DTYPES[code]
         # Python ints cannot overflow, so a hostile shape cannot wrap around to match.
-        nbytes = math.prod(shape) * dtype.itemsize
+        nbytes = storage_nbytes(dtype, math.prod(shape))
+        if code in PACKED and math.prod(shape) % 2:
+            raise HeaderError(
+                f"{where}: {code} packs two values per byte, but shape {shape} holds an odd "
+                f"number of values ({math.prod(shape)})"
+            )
         if nbytes != end - begin:
             raise HeaderError(
                 f"{where}: shape {shape} of {code} needs {nbytes} bytes but data_offsets "
@@ -266,7 +307,7 @@ def encode_header(
     rel: list[int] = []
     cursor = 0
     for name, code, shape in entries:
-        nbytes = math.prod(shape) * DTYPES[code].itemsize
+        nbytes = storage_nbytes(DTYPES[code], math.prod(shape))
         obj[name] = {
             "dtype": code,
             "shape": list(shape),

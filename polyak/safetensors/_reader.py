@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from polyak.safetensors._errors import CheckpointError, HeaderError
-from polyak.safetensors._format import MAX_HEADER_BYTES, TensorInfo, parse_header, pread_into
+from polyak.safetensors._format import (
+    MAX_HEADER_BYTES,
+    PACKED,
+    TensorInfo,
+    parse_header,
+    pread_into,
+    unpack_f4,
+)
 
 __all__ = ["SafetensorsFile", "Checkpoint", "find_index"]
 
@@ -72,6 +79,16 @@ class SafetensorsFile:
                 f"elements [{elem_start}, {elem_start + out.size}) outside tensor "
                 f"{info.name!r} of {info.size} elements"
             )
+        if info.code in PACKED:
+            # Whole bytes around the wanted values, unpacked, then the values cut out.
+            first, stop = elem_start // 2, (elem_start + out.size + 1) // 2
+            packed = np.empty(stop - first, np.uint8)
+            pread_into(self._fd, memoryview(packed), info.start + first, self.path)
+            values = np.empty(2 * packed.size, info.dtype)
+            unpack_f4(packed, values)
+            skip = elem_start - 2 * first
+            out.reshape(-1)[...] = values[skip : skip + out.size]
+            return
         raw = out.reshape(-1).view(np.uint8)
         pread_into(self._fd, memoryview(raw), info.start + elem_start * item, self.path)
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from polyak.safetensors._errors import OutputError, OutputWriteError
 from polyak.safetensors._format import MAX_HEADER_BYTES as MAX_INDEX_BYTES
-from polyak.safetensors._format import dtype_code, encode_header
+from polyak.safetensors._format import PACKED, dtype_code, encode_header, pack_f4, storage_nbytes
 
 __all__ = [
     "AtomicFile",
@@ -259,7 +259,8 @@ class SafetensorsWriter:
             name: (off, np.dtype(dt).itemsize, math.prod(shape))
             for (name, dt, shape), off in zip(entries, offsets, strict=True)
         }
-        self.nbytes = sum(item * size for _, item, size in self._where.values())
+        self._packed = {name for name, code, _ in coded if code in PACKED}
+        self.nbytes = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
         self.size = len(head) + self.nbytes
         self._file = AtomicFile(path, self.size)
         try:
@@ -273,6 +274,13 @@ class SafetensorsWriter:
         flat = np.asarray(array).reshape(-1)  # copies only when not contiguous
         if flat.dtype.itemsize != item or elem_start < 0 or elem_start + flat.size > size:
             raise ValueError(f"bad write of {flat.size} elements at {elem_start} into {name!r}")
+        if name in self._packed:
+            # The stream writes spans of an even number of values (see _stream), so each
+            # write covers whole bytes.
+            if elem_start % 2 or (flat.size % 2 and elem_start + flat.size != size):
+                raise ValueError(f"packed write of {flat.size} values at {elem_start} into {name!r}")
+            self._file.pwrite(pack_f4(flat), off + elem_start // 2)
+            return
         self._file.pwrite(flat.view(np.uint8), off + elem_start * item)
 
     def sync(self) -> None:
@@ -298,7 +306,7 @@ def split_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     used = 0
     for entry in entries:
-        nbytes = math.prod(entry[2]) * np.dtype(entry[1]).itemsize
+        nbytes = storage_nbytes(entry[1], math.prod(entry[2]))
         if shards[-1] and used + nbytes > max_bytes:
             shards.append([])
             used = 0
@@ -345,7 +353,7 @@ def _index_bytes(
     entries: Sequence[Entry],
     index_metadata: Mapping[str, Any] | None,
 ) -> bytes:
-    total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
+    total = sum(storage_nbytes(e[1], math.prod(e[2])) for e in entries)
     meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
     weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
     index = {
@@ -368,7 +376,7 @@ def output_size(
     computed without touching the file system."""
     path = os.fspath(path)
     coded = [(name, dtype_code(dt), tuple(shape)) for name, dt, shape in entries]
-    data = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in entries)
+    data = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
     if path.endswith(".safetensors"):
         return len(encode_header(coded, metadata)[0]) + data
     plan = _shard_plan(path, entries, layout, max_shard_size)
