@@ -60,6 +60,7 @@ api_coverage_modules = [
     "polyak",
     "polyak.schedules",
     "polyak.safetensors",
+    "polyak.checkpoints",
     "polyak.keras",
     "polyak.posthoc",
     "polyak.soup",

@@ -4,10 +4,11 @@
 import json
 import os
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
+
+from test_checkpoints_torch import stream_average  # noqa: E402
 
 import polyak  # noqa: E402
 from polyak.checkpoints import (  # noqa: E402
@@ -20,8 +21,6 @@ from polyak.checkpoints import (  # noqa: E402
     open_checkpoint,
 )
 from polyak.checkpoints._dcp import torch_to_numpy  # noqa: E402
-
-from test_checkpoints_torch import stream_average  # noqa: E402
 
 
 def _dcp_save(state, folder):

@@ -310,3 +310,17 @@ def test_streaming_three_torch_files_stays_far_below_one_input(tmp_path):
     assert nread == 3 * 64 * mib  # everything was read
     print(f"peak RSS grew by {grown / mib:.1f} MiB")
     assert grown < 48 * mib, f"peak RSS grew by {grown / mib:.1f} MiB"
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import polyak.checkpoints as pc
+    from polyak.checkpoints import _hf, _open, _torchzip
+
+    attempted = 0
+    for module in (pc, _hf, _open, _torchzip):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted >= 8

@@ -14,6 +14,9 @@ memory. The kind is detected from the content (:func:`detect`), not only the nam
   (:class:`DCPCheckpoint`, needs torch);
 - ``safetensors``: a file or sharded folder (:class:`polyak.safetensors.Checkpoint`).
 
+Errors are :class:`polyak.safetensors.CheckpointError` (also importable from here) and its
+subclasses :class:`UnsafeCheckpointError` and :class:`KeyChoiceError`.
+
 Example:
     >>> import torch, os, tempfile
     >>> import polyak.checkpoints as pc
@@ -27,13 +30,13 @@ Example:
 """
 
 from polyak.checkpoints._dcp import DCPCheckpoint
-from polyak.checkpoints._errors import CheckpointError, KeyChoiceError, UnsafeCheckpointError
+from polyak.checkpoints._errors import CheckpointError as CheckpointError
+from polyak.checkpoints._errors import KeyChoiceError, UnsafeCheckpointError
 from polyak.checkpoints._hf import config_differences, find_weights, model_files
-from polyak.checkpoints._open import KINDS, ShardedCheckpoint, detect, open_checkpoint
+from polyak.checkpoints._open import ShardedCheckpoint, detect, open_checkpoint
 from polyak.checkpoints._torchzip import TorchCheckpoint
 
 __all__ = [
-    "KINDS",
     "detect",
     "open_checkpoint",
     "TorchCheckpoint",
@@ -42,7 +45,6 @@ __all__ = [
     "find_weights",
     "model_files",
     "config_differences",
-    "CheckpointError",
     "UnsafeCheckpointError",
     "KeyChoiceError",
 ]

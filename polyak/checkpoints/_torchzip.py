@@ -149,7 +149,7 @@ class TorchCheckpoint:
         shape, stride, offset = ref.shape, ref.stride, ref.offset
         ints = all(isinstance(v, int) and v >= 0 for v in (*shape, *stride, offset))
         if not ints or len(shape) != len(stride):
-            raise CheckpointError(f"{where}: malformed shape {shape!r:.60} / stride {stride!r:.60}")
+            raise CheckpointError(f"{where}: malformed shape {shape!r:.60}, stride {stride!r:.60}")
         size = math.prod(shape)
         if size and not _contiguous(shape, stride):
             raise CheckpointError(

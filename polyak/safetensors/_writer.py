@@ -278,7 +278,7 @@ class SafetensorsWriter:
             # The stream writes spans of an even number of values (see _stream), so each
             # write covers whole bytes.
             if elem_start % 2 or (flat.size % 2 and elem_start + flat.size != size):
-                raise ValueError(f"packed write of {flat.size} values at {elem_start} into {name!r}")
+                raise ValueError(f"packed write of {flat.size} at {elem_start} into {name!r}")
             self._file.pwrite(pack_f4(flat), off + elem_start // 2)
             return
         self._file.pwrite(flat.view(np.uint8), off + elem_start * item)
