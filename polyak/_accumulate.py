@@ -93,6 +93,9 @@ class WeightedSum:
             accumulator's.
         scratch: Optional numpy buffer like ``acc`` for the weighted terms.
         accumulate_dtype: Raise the accumulation precision, e.g. ``"float64"``.
+        dtype: The dtype of the leaves summed, when known for all of them (their common
+            type); the accumulator's dtype follows from it. By default, from the first
+            nonzero-weight leaf added.
 
     Example:
         >>> import numpy as np
@@ -103,12 +106,18 @@ class WeightedSum:
         array([2.5 , 4.25], dtype=float32)
     """
 
-    __slots__ = ("acc", "scratch", "accumulate_dtype", "like", "_backend", "_started")
+    __slots__ = ("acc", "scratch", "accumulate_dtype", "dtype", "like", "_backend", "_started")
 
     def __init__(
-        self, acc: Any = None, scratch: Any = None, *, accumulate_dtype: Any = None
+        self,
+        acc: Any = None,
+        scratch: Any = None,
+        *,
+        accumulate_dtype: Any = None,
+        dtype: Any = None,
     ) -> None:
         self.acc = acc
+        self.dtype = dtype
         self.scratch = scratch
         self.accumulate_dtype = accumulate_dtype
         self.like: Any = None  # the last leaf seen: shape and library of an empty sum
@@ -135,7 +144,8 @@ class WeightedSum:
             be = self._backend = _backend.get(x)
         if not self._started:
             if self.acc is None:
-                self.acc = be.scaled(x, w, be.acc_dtype(x.dtype, self.accumulate_dtype))
+                dtype = x.dtype if self.dtype is None else self.dtype
+                self.acc = be.scaled(x, w, be.acc_dtype(dtype, self.accumulate_dtype))
             else:  # the caller's buffer
                 be.weighted_add(self.acc, x, w, self.acc, first=True)
             self._started = True
@@ -146,7 +156,7 @@ class WeightedSum:
 
     def copy(self) -> WeightedSum:
         """An independent sum that later :meth:`add` calls on either leave the other alone."""
-        new = WeightedSum(accumulate_dtype=self.accumulate_dtype)
+        new = WeightedSum(accumulate_dtype=self.accumulate_dtype, dtype=self.dtype)
         new.like, new._backend, new._started = self.like, self._backend, self._started
         if isinstance(self.acc, np.ndarray):
             new.acc = self.acc.copy()

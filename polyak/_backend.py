@@ -32,16 +32,9 @@ import numpy as np
 
 from polyak import _kernel
 from polyak._errors import DtypeError
+from polyak._kernel import int_policy_error
 
 __all__ = ["Backend", "get", "int_policy_error"]
-
-
-def int_policy_error(where: str, dtype: Any) -> DtypeError:
-    """The error for an int/bool leaf under ``int_policy="error"``, naming ``where``."""
-    return DtypeError(
-        f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
-        "(use 'last', 'first' or 'average')"
-    )
 
 
 class Backend:
