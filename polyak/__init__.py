@@ -1,7 +1,7 @@
 """polyak: average model weights, for any framework, in bounded memory.
 
 Polyak-Ruppert averaging, EMA, SWA, checkpoint averaging and model soups over parameter
-pytrees (:func:`average`, :class:`Averager`) and safetensors checkpoints on disk
+pytrees (:func:`average`, :class:`Averager` and its pure core :mod:`polyak.online`) and safetensors checkpoints on disk
 (:mod:`polyak.safetensors`), with pluggable weight :mod:`~polyak.schedules`.
 
 Example:
@@ -13,7 +13,7 @@ Example:
 
 import importlib
 
-from polyak import posthoc, schedules, soup
+from polyak import online, posthoc, schedules, soup
 from polyak._average import average, weights
 from polyak._errors import (
     DtypeError,
@@ -26,6 +26,7 @@ from polyak._errors import (
     WeightsError,
 )
 from polyak._online import Averager
+from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.schedules import Schedule
 
 __version__ = "0.1.0"
@@ -35,9 +36,13 @@ __all__ = [
     "average",
     "weights",
     "Averager",
+    "online",
     "SnapshotDir",
     "schedules",
     "Schedule",
+    "ScheduleLike",
+    "IntPolicy",
+    "PathLike",
     "posthoc",
     "soup",
     "PolyakError",

@@ -34,7 +34,12 @@ from polyak import _kernel
 from polyak._errors import DtypeError
 from polyak._kernel import int_policy_error
 
-__all__ = ["Backend", "get", "int_policy_error"]
+__all__ = ["Backend", "get", "int_policy_error", "dtype_name"]
+
+
+def dtype_name(dtype: Any) -> str:
+    """``"bfloat16"`` for numpy's, ml_dtypes', JAX's and torch's bfloat16 alike."""
+    return str(dtype).removeprefix("torch.")
 
 
 class Backend:
@@ -98,7 +103,7 @@ class Backend:
 
     def dtype_name(self, dtype: Any) -> str:
         """``"bfloat16"`` for numpy's, ml_dtypes', JAX's and torch's bfloat16 alike."""
-        return str(dtype).removeprefix("torch.")
+        return dtype_name(dtype)
 
     def dtype_from_name(self, name: str) -> Any:
         """The dtype called ``name``; raises :class:`DtypeError` if there is none."""
@@ -349,13 +354,17 @@ class TorchBackend(Backend):
         elif acc.device.type == "cpu":
             self._fold_cpu_cast(acc, x, weight, workspace)
         else:
-            # Accelerator kernels cast a mixed-dtype operand as they read it, so no
-            # temporary; but torch refuses to promote float8 with anything, so float8
-            # snapshots are cast to the accumulator's dtype first.
-            if x.dtype.is_floating_point and x.dtype.itemsize == 1:
-                x = x.to(acc.dtype)
-            acc.mul_(decay).add_(x, alpha=weight)
+            self.fold_device_cast(acc, x, decay)
         return acc
+
+    def fold_device_cast(self, acc: Any, x: Any, decay: float) -> None:
+        """The accelerator fold of a snapshot narrower than its average (bf16 into float32)."""
+        # Accelerator kernels cast a mixed-dtype operand as they read it, so no temporary;
+        # but torch refuses to promote float8 with anything ("Promotion for Float8 Types is
+        # not supported"), so float8 snapshots are cast to the accumulator's dtype first.
+        if x.dtype.is_floating_point and x.dtype.itemsize == 1:
+            x = x.to(acc.dtype)
+        acc.mul_(decay).add_(x, alpha=1.0 - decay)
 
     def _fold_cpu_cast(self, acc: Any, x: Any, weight: float, workspace: dict[Any, Any]) -> None:
         # On CPU, torch casts a mixed-dtype operand (a bf16 snapshot into a float32 average)

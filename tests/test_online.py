@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from strategies import online_schedules, tree_lists
 
 import polyak
-from polyak import _online
+from polyak import online as _online
 from polyak import schedules as S
 from polyak._errors import (
     DtypeError,
@@ -268,22 +268,22 @@ def test_torch_frozen_parameters_are_averaged():
 
 
 def test_torch_float8_fold_on_accelerators():
-    # Accelerators (acc not on the CPU) take _fold_torch_device_cast; its code is device
+    # Accelerators (acc not on the CPU) take TorchBackend.fold_device_cast; its code is device
     # agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
     # make every float8 update on a GPU fail.
     torch = pytest.importorskip("torch")
-    from polyak import _online_leaves
+    from polyak import _backend
 
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
         x = torch.tensor([0.5, -1.0, 2.0, 0.25]).to(dtype)
         acc = torch.tensor([1.0, 1.0, -3.0, 0.0])
         expected = 0.75 * acc.double() + 0.25 * x.double()
-        _online_leaves._fold_torch_device_cast(acc, x, 0.75, 0.25)
+        _backend.get(acc).fold_device_cast(acc, x, 0.75)
         assert acc.dtype == torch.float32
         torch.testing.assert_close(acc.double(), expected)
     # int leaves averaged with int_policy="average" (a float64 accumulator)
     acc = torch.zeros(3, dtype=torch.float64)
-    _online_leaves._fold_torch_device_cast(acc, torch.tensor([1, 2, 3]), 0.5, 0.5)
+    _backend.get(acc).fold_device_cast(acc, torch.tensor([1, 2, 3]), 0.5)
     torch.testing.assert_close(acc, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
 
 
@@ -453,7 +453,7 @@ def test_resume_torch_is_bit_for_bit(via, tmp_path):
         resumed.load_state_dict(first.state_dict())
     else:
         first.save(tmp_path / "avg.safetensors")
-        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors", like=snaps[0])
         # before any update, the average is readable as numpy, keyed by name
         assert set(resumed.value) == set(snaps[0])
     for snap in snaps[6:]:
@@ -487,7 +487,7 @@ def test_resume_jax_is_bit_for_bit(via, tmp_path):
         resumed.load_state_dict(first.state_dict())
     else:
         first.save(tmp_path / "avg.safetensors")
-        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors", like=snaps[0])
     for snap in snaps[5:]:
         resumed.update(snap)
     a, b = straight.value, resumed.value
@@ -554,11 +554,11 @@ def test_loaded_average_must_match_the_params(tmp_path):
     avg = polyak.Averager()
     avg.update({"a": np.ones(2), "b": np.ones(3)})
     avg.save(tmp_path / "a.safetensors")
-    resumed = polyak.Averager.load(tmp_path / "a.safetensors")
+    path = tmp_path / "a.safetensors"
     with pytest.raises(StructureError, match=r"missing \['b'\].*unexpected \['c'\]"):
-        resumed.update({"a": np.ones(2), "c": np.ones(3)})
-    with pytest.raises(ShapeError, match=r"params\['b'\]: shape \(4,\)"):
-        resumed.update({"a": np.ones(2), "b": np.ones(4)})
+        polyak.Averager.load(path, like={"a": np.ones(2), "c": np.ones(3)})
+    with pytest.raises(ShapeError, match=r"like\['b'\]: shape \(4,\)"):
+        polyak.Averager.load(path, like={"a": np.ones(2), "b": np.ones(4)})
 
 
 # ---- refusals and bad input --------------------------------------------------------------------
