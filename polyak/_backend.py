@@ -34,7 +34,7 @@ from polyak import _kernel
 from polyak._errors import DtypeError
 from polyak._kernel import int_policy_error
 
-__all__ = ["Backend", "get", "int_policy_error", "dtype_name"]
+__all__ = ["Backend", "NumpyBackend", "TorchBackend", "get", "int_policy_error", "dtype_name"]
 
 
 def dtype_name(dtype: Any) -> str:
