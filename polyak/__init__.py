@@ -1,8 +1,9 @@
 """polyak: average model weights, for any framework, in bounded memory.
 
 Polyak-Ruppert averaging, EMA, SWA, checkpoint averaging and model soups over parameter
-pytrees (:func:`average`, :class:`Averager` and its pure core :mod:`polyak.online`) and safetensors checkpoints on disk
-(:mod:`polyak.safetensors`), with pluggable weight :mod:`~polyak.schedules`.
+pytrees (:func:`average`, :class:`Averager` and its pure core :mod:`polyak.online`) and
+safetensors checkpoints on disk (:mod:`polyak.safetensors`), with pluggable weight
+:mod:`~polyak.schedules`.
 
 Example:
     >>> import numpy as np, polyak

@@ -180,7 +180,8 @@ class WeightedSum:
                 out[...] = 0
                 return out
             be = _backend.get(self.like)
-            return be.zeros(be.as_array(self.like), dtype if dtype is not None else self.like.dtype)
+            like = be.as_array(self.like)
+            return be.zeros(like, like.dtype if dtype is None else dtype)
         be = self._backend
         if isinstance(self.acc, np.ndarray):
             if out is None:

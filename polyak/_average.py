@@ -115,7 +115,9 @@ def average(
             column.append(leaf)
 
     leaf_weights = _LeafWeights(w, int_policy, accumulate_dtype)
-    out = [_average_leaf(column, leaf_weights, accessor) for column, accessor in zip(columns, ref_acc)]
+    out = [
+        _average_leaf(column, leaf_weights, accessor) for column, accessor in zip(columns, ref_acc)
+    ]
     return ref_spec.unflatten(out)
 
 

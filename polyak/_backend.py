@@ -81,7 +81,7 @@ class Backend:
         try:
             np_dtype = self.np_dtype(dtype)
         except TypeError:
-            raise DtypeError(f"cannot accumulate dtype {dtype}: not a floating-point type") from None
+            raise DtypeError(f"cannot accumulate dtype {dtype}: not a number type") from None
         return self.from_np_dtype(_kernel.accumulator_dtype(np_dtype, requested))
 
     def int_acc_dtype(self) -> Any:

@@ -46,8 +46,11 @@ class Loaded(NamedTuple):
 def schedule_spec(schedule: _schedules.Schedule) -> dict[str, Any]:
     """``{"name": ..., "params": {...}}`` as it reads back from JSON (tuples become lists,
     numpy floats Python floats), so a saved schedule compares equal to the one it came from."""
-    params = json.loads(json.dumps(dict(schedule.params), default=float, sort_keys=True))
-    return {"name": schedule.name, "params": params}
+    return {"name": schedule.name, "params": _jsonable(schedule.params)}
+
+
+def _jsonable(params: Mapping[str, Any]) -> Any:
+    return json.loads(json.dumps(dict(params), default=float, sort_keys=True))
 
 
 def to_dict(state: OnlineState, schedule: _schedules.Schedule, int_policy: str) -> dict[str, Any]:
@@ -101,7 +104,9 @@ def from_dict(
     return OnlineState(count, spec.unflatten(accs), dtypes)
 
 
-def save(path: PathLike, state: OnlineState, schedule: _schedules.Schedule, int_policy: str) -> None:
+def save(
+    path: PathLike, state: OnlineState, schedule: _schedules.Schedule, int_policy: str
+) -> None:
     """Write ``state`` to a safetensors file, atomically.
 
     Raises:
@@ -119,7 +124,7 @@ def save(path: PathLike, state: OnlineState, schedule: _schedules.Schedule, int_
         "polyak.count": str(state.count),
         "polyak.schedule": json.dumps(schedule_spec(schedule)),
         "polyak.int_policy": int_policy,
-        "polyak.dtypes": json.dumps(dict(zip(names, (_backend.dtype_name(d) for d in state.dtypes)))),
+        "polyak.dtypes": json.dumps(dict(zip(names, map(_backend.dtype_name, state.dtypes)))),
     }
     st.save(state.average, path, metadata)
 
@@ -170,7 +175,9 @@ def load(path: PathLike, like: Any = None) -> Loaded:
     return Loaded(_adopt(count, tensors, dtypes, like), schedule, int_policy)
 
 
-def _adopt(count: int, tensors: dict[str, np.ndarray], dtypes: dict[str, str], like: Any) -> OnlineState:
+def _adopt(
+    count: int, tensors: dict[str, np.ndarray], dtypes: dict[str, str], like: Any
+) -> OnlineState:
     """The saved accumulators in the structure, library and device of ``like``."""
     leaves, accessors, spec = flatten(like)
     names = tensor_names(like)
@@ -202,8 +209,7 @@ def tensor_names(tree: Any) -> list[str]:
 def _check_config(saved_schedule: Any, saved_policy: Any, schedule: Any, int_policy: str) -> None:
     mine = schedule_spec(schedule)
     try:
-        theirs = {"name": saved_schedule["name"], "params": saved_schedule["params"]}
-        theirs["params"] = json.loads(json.dumps(dict(theirs["params"]), default=float, sort_keys=True))
+        theirs = {"name": saved_schedule["name"], "params": _jsonable(saved_schedule["params"])}
     except (KeyError, TypeError, ValueError):
         raise PolyakError(
             f"state_dict['schedule'] must be {{'name': ..., 'params': {{...}}}}, got "

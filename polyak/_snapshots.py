@@ -246,9 +246,7 @@ class SnapshotDir:
         # views, so that tail(k) over a long run loads k files, not all of them.
         read = set(inputs_to_read([weights(schedule, len(paths))], int_policy).any)
         trees = [st.load(p) if i in read else _header_only(p) for i, p in enumerate(paths)]
-        return average(
-            trees, schedule, int_policy=int_policy, accumulate_dtype=accumulate_dtype
-        )
+        return average(trees, schedule, int_policy=int_policy, accumulate_dtype=accumulate_dtype)
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"

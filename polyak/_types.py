@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Literal, TypeAlias, Union
+from typing import Literal, TypeAlias
 
 import numpy as np
 
@@ -19,14 +19,13 @@ __all__ = ["ScheduleLike", "IntPolicy", "PathLike"]
 #: Anything :func:`polyak.schedules.resolve` turns into a :class:`polyak.Schedule`: ``None``
 #: (the plain mean), a name such as ``"linear"``, a schedule, explicit weights (oldest
 #: first) or a callable ``n -> weights``.
-ScheduleLike: TypeAlias = Union[
-    Schedule, str, Sequence[float], np.ndarray, Callable[[int], Sequence[float]], None
-]
+ScheduleLike: TypeAlias = (
+    Schedule | str | Sequence[float] | np.ndarray | Callable[[int], Sequence[float]] | None
+)
 
 #: What to do with integer and bool leaves: keep the newest (``"last"``), the oldest
 #: (``"first"``), average and round half to even (``"average"``), or refuse (``"error"``).
 IntPolicy: TypeAlias = Literal["last", "first", "average", "error"]
 
 #: A file system path, as ``open`` takes it.
-PathLike: TypeAlias = Union[str, "os.PathLike[str]"]
-
+PathLike: TypeAlias = str | os.PathLike[str]

@@ -208,7 +208,9 @@ def _match_paths(
     Raises:
         StructureError: listing every missing and unexpected leaf path, sorted.
     """
-    error = path_mismatch(new_accessors, old_accessors, _ROOT, "the structure of the first snapshot")
+    error = path_mismatch(
+        new_accessors, old_accessors, _ROOT, "the structure of the first snapshot"
+    )
     if error is not None:
         raise error
     old = [where(a, root=_ROOT) for a in old_accessors]
