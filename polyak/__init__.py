@@ -14,7 +14,7 @@ Example:
 
 import importlib
 
-from polyak import online, posthoc, schedules, soup
+from polyak import _errors, online, posthoc, schedules, soup
 from polyak._average import average, weights
 from polyak._errors import (
     DtypeError,
@@ -46,14 +46,7 @@ __all__ = [
     "PathLike",
     "posthoc",
     "soup",
-    "PolyakError",
-    "EmptyInputError",
-    "StructureError",
-    "ShapeError",
-    "DtypeError",
-    "WeightsError",
-    "ScheduleError",
-    "NoOnlineFormError",
+    *_errors.__all__,  # PolyakError and its subclasses
 ]
 
 
