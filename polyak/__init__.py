@@ -16,16 +16,7 @@ import importlib
 
 from polyak import _errors, online, posthoc, schedules, soup
 from polyak._average import average, weights
-from polyak._errors import (
-    DtypeError,
-    EmptyInputError,
-    NoOnlineFormError,
-    PolyakError,
-    ScheduleError,
-    ShapeError,
-    StructureError,
-    WeightsError,
-)
+from polyak._errors import *  # noqa: F403  (PolyakError and its subclasses: _errors.__all__)
 from polyak._online import Averager
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.schedules import Schedule
@@ -38,7 +29,7 @@ __all__ = [
     "weights",
     "Averager",
     "online",
-    "SnapshotDir",
+    "SnapshotDir",  # noqa: F405  (loaded lazily by __getattr__ below)
     "schedules",
     "Schedule",
     "ScheduleLike",

@@ -707,3 +707,53 @@ def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_averager_accumulate_dtype_raises_the_precision():
+    x = [np.array([1.0 + 2**-23], np.float32), np.array([1.0], np.float32)]
+    plain, wide = (
+        polyak.Averager(S.ema(1 - 1e-8)),
+        polyak.Averager(S.ema(1 - 1e-8), accumulate_dtype="float64"),
+    )
+    for avg in (plain, wide):
+        for snap in x:
+            avg.update({"w": snap})
+    assert wide.state.average["w"].dtype == np.float64
+    assert plain.state.average["w"].dtype == np.float32
+    ref = (1 - 1e-8) * (1.0 + 2**-23) + 1e-8 * 1.0  # float64
+    assert wide.value["w"].dtype == np.float32
+    assert wide.value["w"][0] == np.float32(ref)
+    with pytest.raises(DtypeError, match="accumulate_dtype"):
+        polyak.Averager(accumulate_dtype="int32")
+
+
+def test_averager_accumulate_dtype_for_torch_leaves():
+    torch = pytest.importorskip("torch")
+    avg = polyak.Averager(S.linear(), accumulate_dtype="float64")
+    for i in range(3):
+        avg.update({"w": torch.full((2,), float(i), dtype=torch.bfloat16)})
+    assert avg.state.average["w"].dtype == torch.float64
+    assert avg.value["w"].dtype == torch.bfloat16
+    # weights 1/6, 2/6, 3/6 of 0, 1, 2: 8/6, rounded once to bf16
+    assert avg.value["w"].tolist() == [float(torch.tensor(8 / 6).to(torch.bfloat16))] * 2
+
+
+def test_load_without_like_is_numpy_by_tensor_name(tmp_path):
+    avg = polyak.Averager(S.ema(0.5), int_policy="average")
+    avg.update({"enc": {"w": np.ones(2, np.float32)}, "n": np.int64(3)})
+    avg.save(tmp_path / "a.safetensors")
+    resumed = polyak.Averager.load(tmp_path / "a.safetensors")
+    assert isinstance(resumed.state, polyak.online.OnlineState)
+    assert set(resumed.state.average) == {"enc.w", "n"}
+    resumed.update({"enc.w": np.full(2, 3.0, np.float32), "n": np.int64(6)})
+    got = resumed.value
+    np.testing.assert_array_equal(got["enc.w"], np.full(2, 2.0, np.float32))
+    assert got["n"] == 4 and got["n"].dtype == np.int64  # 4.5 rounds half to even
+    torch = pytest.importorskip("torch")
+    with pytest.raises(DtypeError, match="torch.Tensor"):  # like= is how to resume in torch
+        resumed.update({"enc.w": torch.ones(2), "n": torch.tensor(1)})
+    on_torch = polyak.Averager.load(
+        tmp_path / "a.safetensors", like={"enc": {"w": torch.ones(2)}, "n": torch.tensor(1)}
+    )
+    assert isinstance(on_torch.state.average["enc"]["w"], torch.Tensor)
+    assert on_torch.value["n"].dtype == torch.int64
