@@ -27,14 +27,14 @@ class SoupResult(NamedTuple):
     """What :func:`greedy` found.
 
     Attributes:
-        params: The soup: the uniform average of the chosen candidates, as a pytree shaped
-            like the candidates, each leaf of its candidates' dtype and array library.
-        members: Indices (into ``candidates``) of the chosen candidates, in the order they
-            joined; the first is the best single candidate.
+        params: The soup: the uniform average of the chosen snapshots, as a pytree shaped
+            like the snapshots, each leaf of its snapshots' dtype and array library.
+        members: Indices (into ``snapshots``) of the chosen snapshots, in the order they
+            joined; the first is the best single snapshot.
         scores: The soup's score after each step: ``scores[0]`` is the best single
-            candidate's, then one entry per further candidate tried (best first), so
-            ``len(scores) == len(candidates)`` and the last entry is the final soup's score.
-        individual_scores: Each candidate's own score, in the order of ``candidates``.
+            snapshot's, then one entry per further snapshot tried (best first), so
+            ``len(scores) == len(snapshots)`` and the last entry is the final soup's score.
+        individual_scores: Each snapshot's own score, in the order of ``snapshots``.
     """
 
     params: Any
@@ -44,99 +44,108 @@ class SoupResult(NamedTuple):
 
 
 def greedy(
-    candidates: Sequence[Any],
+    snapshots: Sequence[Any],
     evaluate: Callable[[Any], float],
     *,
+    load: Callable[[Any], Any] | None = None,
     higher_is_better: bool = True,
     int_policy: str = "first",
     accumulate_dtype: Any = None,
+    name: str = "snapshots",
 ) -> SoupResult:
-    """Greedy soup: add candidates best first, keeping each one only if the soup improves.
+    """Greedy soup: add snapshots best first, keeping each one only if the soup improves.
 
-    Every candidate is scored on its own; then, starting from the best one, each next
-    candidate (in order of its own score) joins the soup if the uniform average of the soup
+    Every snapshot is scored on its own; then, starting from the best one, each next
+    snapshot (in order of its own score) joins the soup if the uniform average of the soup
     with it scores at least as well as the soup without it. A diverged or otherwise harmful
-    candidate therefore stays out, and the soup scores at least as well as the best single
-    candidate on the held-out metric that ``evaluate`` computes.
+    snapshot therefore stays out, and the soup scores at least as well as the best single
+    snapshot on the held-out metric that ``evaluate`` computes.
 
-    Candidates may be pytrees of arrays or paths of ``.safetensors`` checkpoints (mixed
-    freely). Memory stays bounded: the soup is held as one running sum (in the accumulator
-    dtype of :func:`polyak.average`), and checkpoints are loaded one at a time, each twice
-    (once to score it alone, once to try it in the soup). ``evaluate`` is called
-    ``2 * len(candidates) - 1`` times.
+    Snapshots may be pytrees of arrays or paths of ``.safetensors`` checkpoints (mixed
+    freely), or anything a ``load`` function turns into a pytree. Memory stays bounded: the
+    soup is held as one running sum (in the accumulator dtype of :func:`polyak.average`),
+    and checkpoints are loaded one at a time, each twice (once to score it alone, once to
+    try it in the soup). ``evaluate`` is called ``2 * len(snapshots) - 1`` times.
 
     Args:
-        candidates: Pytrees with one structure, shapes and dtypes, or checkpoint paths.
+        snapshots: Pytrees with one structure, shapes and dtypes, or checkpoint paths: the
+            candidates for the soup.
         evaluate: The held-out metric, ``evaluate(params) -> float``. It receives a
-            candidate as given (a path as ``polyak.safetensors.load`` reads it: a flat dict of
-            numpy arrays) or a trial soup, a pytree like the candidates (torch/JAX leaves stay
-            torch/JAX). A NaN score counts as the worst possible.
+            snapshot as ``load`` returns it (by default a pytree as given, and a path as
+            ``polyak.safetensors.load`` reads it: a flat dict of numpy arrays) or a trial
+            soup, a pytree like the snapshots (torch/JAX leaves stay torch/JAX). A NaN score
+            counts as the worst possible.
+        load: The loader seam: ``load(snapshots[i]) -> pytree``, called twice per snapshot,
+            one snapshot at a time, so that a framework adapter can read its own models or
+            files (``polyak.keras.greedy_soup`` does). By default, a path is read with
+            :func:`polyak.safetensors.load` and a pytree is used as given.
         higher_is_better: ``False`` for a loss, ``True`` (the default) for an accuracy.
         int_policy: What to do with integer and bool leaves, which are not averaged by
-            default; as in :func:`polyak.average`, except that the default ``"first"``
-            takes them from the first member, the best single candidate.
+            default; as in :func:`polyak.average`, except that the default is ``"first"``:
+            the soup's first member, the best single snapshot, is the model the soup is
+            built on, so its step counters and masks are kept, whichever snapshots join
+            later (``"last"`` would take the last one to join).
         accumulate_dtype: Accumulator dtype for floating leaves (default: float32 for
             16/32-bit floats, float64 for float64), as in :func:`polyak.average`.
+        name: What error messages call the sequence (``snapshots[3]``); an adapter passes
+            the name of its own argument.
 
     Returns:
         A :class:`SoupResult` with the soup's ``params``, ``members`` and ``scores``.
 
     Raises:
-        EmptyInputError: ``candidates`` is empty.
-        StructureError, ShapeError, DtypeError: a candidate does not match the first one
-            (the message names which candidate and which leaf).
+        EmptyInputError: ``snapshots`` is empty.
+        StructureError, ShapeError, DtypeError: a snapshot does not match the first one
+            (the message names which snapshot and which leaf).
         PolyakError: ``evaluate`` returned something that is not a real number.
 
     Example:
         >>> import numpy as np
-        >>> cands = [{"w": np.array([1.0])}, {"w": np.array([3.0])}, {"w": np.array([99.0])}]
-        >>> result = greedy(cands, lambda p: 10.0 - abs(float(p["w"][0]) - 2.0))
+        >>> snaps = [{"w": np.array([1.0])}, {"w": np.array([3.0])}, {"w": np.array([99.0])}]
+        >>> result = greedy(snaps, lambda p: 10.0 - abs(float(p["w"][0]) - 2.0))
         >>> result.members, result.params["w"], result.scores
         ([0, 1], array([2.]), [9.0, 10.0, 10.0])
     """
-    if isinstance(candidates, (str, os.PathLike)):
+    if isinstance(snapshots, (str, os.PathLike)):
         raise PolyakError(
-            f"candidates must be a list of pytrees or paths, got the single path {candidates!r}"
+            f"{name} must be a list of pytrees or paths, got the single path {snapshots!r}"
         )
-    cands = list(candidates)
-    if not cands:
-        raise EmptyInputError("candidates is empty: give at least one pytree or checkpoint path")
-    return _greedy(
-        len(cands),
-        lambda i: _load(cands[i], i),
-        evaluate,
-        higher_is_better=higher_is_better,
-        int_policy=int_policy,
-        accumulate_dtype=accumulate_dtype,
-    )
-
-
-def _greedy(
-    count: int,
-    load: Callable[[int], tuple[Any, _Layout]],
-    evaluate: Callable[[Any], float],
-    *,
-    higher_is_better: bool,
-    int_policy: str,
-    accumulate_dtype: Any,
-    name: str = "candidates",
-) -> SoupResult:
-    """The greedy loop over ``count`` candidates that ``load(i)`` brings in one at a time.
-
-    ``load(i)`` returns what ``evaluate`` scores for candidate ``i`` alone and its flattened
-    :class:`_Layout`; adapters (Keras model files) supply their own.
-    """
+    items = list(snapshots)
+    if not items:
+        raise EmptyInputError(f"{name} is empty: give at least one pytree or checkpoint path")
     _kernel.check_int_policy(int_policy)
-    # Checked now, not when the soup is first summed: by then every candidate has been
+    # Checked now, not when the soup is first summed: by then every snapshot has been
     # evaluated, and torch/JAX leaves would not check it at all.
     _kernel.accumulator_dtype(np.float32, accumulate_dtype)
-    better = _comparator(higher_is_better)
 
-    # Pass 1: each candidate alone; also checks that all of them match the first.
+    def load_at(i: int) -> tuple[Any, _Layout]:
+        if load is None:
+            return _read(items[i], f"{name}[{i}]")
+        tree = load(items[i])
+        return tree, _layout(tree, f"{name}[{i}]")
+
+    ref, individual = _score_each(len(items), load_at, evaluate, int_policy, name)
+    # Stable sort, best first, NaN last: ties keep the snapshots' order.
+    order = sorted(range(len(items)), key=lambda i: _sort_key(individual[i], higher_is_better))
+    soup = _RunningSum(ref, accumulate_dtype, int_policy)
+    params, members, scores = _search(
+        soup, order, individual, load_at, evaluate, higher_is_better, name
+    )
+    return SoupResult(params, members, scores, individual)
+
+
+def _score_each(
+    count: int,
+    load_at: Callable[[int], tuple[Any, _Layout]],
+    evaluate: Callable[[Any], float],
+    int_policy: str,
+    name: str,
+) -> tuple[_Layout, list[float]]:
+    """Pass 1: score each snapshot alone, checking that all of them match the first."""
     ref: _Layout | None = None
     individual: list[float] = []
     for i in range(count):
-        tree, layout = load(i)
+        tree, layout = load_at(i)
         if ref is None:
             ref = layout.skeleton()
             if int_policy == "error" and "int" in layout.kinds:
@@ -149,20 +158,27 @@ def _greedy(
             ref.check(layout)
         individual.append(_score(evaluate(tree), f"evaluate({name}[{i}])"))
         del tree, layout
-    if ref is None:
-        raise EmptyInputError(f"{name} is empty: nothing to make a soup of")
+    assert ref is not None  # count >= 1, checked by the caller
+    return ref, individual
 
-    # Stable sort, best first, NaN last: ties keep the candidates' order.
-    order = sorted(range(count), key=lambda i: _sort_key(individual[i], higher_is_better))
 
-    # Pass 2: the greedy loop over a running sum.
-    soup = _RunningSum(ref, accumulate_dtype, int_policy)
+def _search(
+    soup: _RunningSum,
+    order: list[int],
+    individual: list[float],
+    load_at: Callable[[int], tuple[Any, _Layout]],
+    evaluate: Callable[[Any], float],
+    higher_is_better: bool,
+    name: str,
+) -> tuple[Any, list[int], list[float]]:
+    """Pass 2: the greedy loop over a running sum, best single snapshot first."""
+    better = _comparator(higher_is_better)
     first = order[0]
-    soup.add(load(first)[1])
+    soup.add(load_at(first)[1])
     members = [first]
     scores = [individual[first]]
     for i in order[1:]:
-        layout = load(i)[1]
+        layout = load_at(i)[1]
         trial = soup.with_added(layout)
         score = _score(evaluate(trial.params()), f"evaluate(soup + {name}[{i}])")
         if better(score, scores[-1]):
@@ -172,7 +188,7 @@ def _greedy(
         else:
             scores.append(scores[-1])
         del layout, trial
-    return SoupResult(soup.params(), members, scores, individual)
+    return soup.params(), members, scores
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -200,10 +216,10 @@ def _score(value: object, what: str) -> float:
 
 
 class _Layout:
-    """One candidate's leaves (detached, in their own library), with its accessors and spec.
+    """One snapshot's leaves (detached, in their own library), with its accessors and spec.
 
     :meth:`skeleton` keeps everything but the arrays, so that the reference layout used for
-    checks does not pin the first candidate in memory.
+    checks does not pin the first snapshot in memory.
     """
 
     def __init__(self, leaves: list[Any], accessors: list[Any], treespec: Any, root: str):
@@ -226,7 +242,7 @@ class _Layout:
         return _tree.where(self.accessors[j], root=self.root)
 
     def check(self, other: _Layout) -> None:
-        """Raise if ``other`` cannot be averaged with this (the reference) candidate."""
+        """Raise if ``other`` cannot be averaged with this (the reference) snapshot."""
         _tree.check_same_structure(
             other.treespec, other.accessors, self.treespec, self.accessors, other.root, self.root
         )
@@ -243,7 +259,7 @@ class _Layout:
             if other.namespaces[j] is not self.namespaces[j]:
                 raise DtypeError(
                     f"{other.at(j)}: a {type(other.leaves[j]).__name__} leaf where {self.root} "
-                    "has another array library's; every candidate's leaf must come from the "
+                    "has another array library's; every snapshot's leaf must come from the "
                     "same library"
                 )
 
@@ -252,25 +268,28 @@ def _kind(leaf: Any) -> str:
     xp = namespace(leaf)
     if xp is None:
         return _kernel.dtype_kind(leaf.dtype)
-    if xp.isdtype(leaf.dtype, ("real floating", "complex floating")):
+    # The kernel's kinds: a complex leaf is "complex", so it never pairs with a real one.
+    if xp.isdtype(leaf.dtype, "real floating"):
         return "float"
+    if xp.isdtype(leaf.dtype, "complex floating"):
+        return "complex"
     if xp.isdtype(leaf.dtype, ("integral", "bool")):
         return "int"
     return "other"
 
 
-def _load(candidate: Any, index: int) -> tuple[Any, _Layout]:
-    root = f"candidates[{index}]"
-    if isinstance(candidate, (str, os.PathLike)):
+def _read(snapshot: Any, root: str) -> tuple[Any, _Layout]:
+    """The default loader: a checkpoint path is read with the safetensors adapter."""
+    if isinstance(snapshot, (str, os.PathLike)):
         # Imported here: the safetensors adapter is only needed for checkpoint paths.
         from polyak import safetensors as _st
 
-        root = f"candidates[{index}] ({os.fspath(candidate)})"
+        root = f"{root} ({os.fspath(snapshot)})"
         try:
-            candidate = _st.load(candidate)
+            snapshot = _st.load(snapshot)
         except PolyakError as err:
             raise type(err)(f"{root}: {err}") from None
-    return candidate, _layout(candidate, root)
+    return snapshot, _layout(snapshot, root)
 
 
 def _layout(tree: Any, root: str) -> _Layout:
@@ -375,4 +394,17 @@ class _RunningSum:
         rounded = xp.round(mean)
         if ints[0].dtype == xp.bool:
             return rounded != 0
-        return xp.astype(rounded, ints[0].dtype)
+        return _clip_cast(xp, rounded, ints[0].dtype)
+
+
+def _clip_cast(xp: Any, rounded: Any, dtype: Any) -> Any:
+    """Cast rounded floats to an integer dtype, clipped to its range as the numpy path does.
+
+    The mean of in-range integers can still round past the range in float: int64's maximum
+    is 2**63 in float64, which torch's cast wraps to the minimum. Saturate by comparing in
+    float, then choosing the bound, so no out-of-range float is ever trusted to the cast.
+    """
+    info = xp.iinfo(dtype)
+    out = xp.astype(rounded, dtype)
+    out = xp.where(rounded >= float(info.max), xp.asarray(info.max, dtype=dtype), out)
+    return xp.where(rounded <= float(info.min), xp.asarray(info.min, dtype=dtype), out)

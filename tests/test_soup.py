@@ -159,7 +159,7 @@ def test_integer_leaves_follow_int_policy():
     assert int(res.params["step"]) == 30
     res = soup.greedy(cands, lambda p: 1.0, int_policy="average")
     assert int(res.params["step"]) == 20 and res.params["step"].dtype == cands[0]["step"].dtype
-    with pytest.raises(DtypeError, match=r"candidates\[0\]\['step'\]"):
+    with pytest.raises(DtypeError, match=r"snapshots\[0\]\['step'\]"):
         soup.greedy(cands, lambda p: 1.0, int_policy="error")
     with pytest.raises(PolyakError, match="int_policy"):
         soup.greedy(cands, lambda p: 1.0, int_policy="median")
@@ -273,17 +273,17 @@ def test_bad_accumulate_dtype_is_refused_before_any_evaluation(library, bad):
 
 def test_bad_input_names_the_candidate_and_leaf(tmp_path):
     good = {"a": np.zeros(3), "b": {"c": np.ones(2)}}
-    with pytest.raises(EmptyInputError, match="candidates"):
+    with pytest.raises(EmptyInputError, match="snapshots"):
         soup.greedy([], lambda p: 1.0)
-    with pytest.raises(StructureError, match=r"candidates\[1\].*\['b'\]\['d'\]"):
+    with pytest.raises(StructureError, match=r"snapshots\[1\].*\['b'\]\['d'\]"):
         soup.greedy([good, {"a": np.zeros(3), "b": {"d": np.ones(2)}}], lambda p: 1.0)
-    with pytest.raises(ShapeError, match=r"candidates\[2\]\['b'\]\['c'\].*\(3,\)"):
+    with pytest.raises(ShapeError, match=r"snapshots\[2\]\['b'\]\['c'\].*\(3,\)"):
         soup.greedy([good, good, {"a": np.zeros(3), "b": {"c": np.ones(3)}}], lambda p: 1.0)
-    with pytest.raises(DtypeError, match=r"candidates\[1\]\['a'\]"):
+    with pytest.raises(DtypeError, match=r"snapshots\[1\]\['a'\]"):
         soup.greedy([good, {"a": np.zeros(3, int), "b": {"c": np.ones(2)}}], lambda p: 1.0)
-    with pytest.raises(PolyakError, match=r"evaluate\(candidates\[0\]\).*'oops'"):
+    with pytest.raises(PolyakError, match=r"evaluate\(snapshots\[0\]\).*'oops'"):
         soup.greedy([good], lambda p: "oops")
-    with pytest.raises(PolyakError, match=r"evaluate\(soup \+ candidates\[1\]\)"):
+    with pytest.raises(PolyakError, match=r"evaluate\(soup \+ snapshots\[1\]\)"):
         soup.greedy([good, good], lambda p: 1.0 if p is good else None)
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(PolyakError, match="nope.safetensors"):
