@@ -200,6 +200,32 @@ def test_torch_candidates_stay_torch():
     assert int(res.params["n"]) == res.members[0]
 
 
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_complex_leaf_never_pairs_with_a_real_one(library):
+    # Drift fix: the array-API path called complex leaves "float", so a torch complex64
+    # leaf was summed into a float32 one (and its imaginary part dropped) without an error.
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        real, cplx = torch.ones(3), torch.ones(3, dtype=torch.complex64)
+    else:
+        real, cplx = np.ones(3, np.float32), np.ones(3, np.complex64)
+    calls = []
+    with pytest.raises(DtypeError, match=r"snapshots\[1\]\['w'\].*complex"):
+        soup.greedy([{"w": real}, {"w": cplx}], lambda p: calls.append(p) or 1.0)
+    assert calls == [{"w": real}]  # refused before the mismatched snapshot is scored
+
+
+def test_torch_int_average_saturates_at_the_dtype_range():
+    # Drift fix: the exact mean of int64 maxima is the maximum, but in float64 it is 2**63,
+    # which torch's cast wraps to the minimum; the numpy path clips, and so must this one.
+    torch = pytest.importorskip("torch")
+    hi, lo = 2**63 - 1, -(2**63)
+    cands = [{"w": torch.ones(2), "n": torch.tensor([hi, lo, 5])} for _ in range(3)]
+    res = soup.greedy(cands, lambda p: 1.0, int_policy="average")
+    assert res.params["n"].dtype == torch.int64
+    assert res.params["n"].tolist() == [hi, lo, 5]
+
+
 def test_jax_candidates_without_x64_warn_nothing():
     jax = pytest.importorskip("jax")
     if jax.config.jax_enable_x64:
