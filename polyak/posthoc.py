@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from polyak._deprecation import renamed
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError, WeightsError
 from polyak.schedules import power, sigma_rel_to_gamma
 
@@ -104,6 +105,7 @@ def _profile_dot(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndar
     return scale * (m / t_a) ** (g_a + 1.0) * (m / t_b) ** (g_b + 1.0) / m
 
 
+@renamed(target_sigma_rel="sigma_rel", target_t="t")
 def solve(
     snapshots: Sequence[tuple[float, float]],
     sigma_rel: float | Sequence[float],

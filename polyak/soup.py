@@ -16,9 +16,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from polyak import _kernel, _tree
-from polyak._arrays import detach, namespace, widest_float
+from polyak import _backend, _kernel, _tree
+from polyak._accumulate import WeightedSum
+from polyak._deprecation import renamed
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError
+from polyak._types import IntPolicy, PathLike
 
 __all__ = ["SoupResult", "greedy"]
 
@@ -43,13 +45,14 @@ class SoupResult(NamedTuple):
     individual_scores: list[float]
 
 
+@renamed(candidates="snapshots")
 def greedy(
-    snapshots: Sequence[Any],
+    snapshots: Sequence[Any | PathLike],
     evaluate: Callable[[Any], float],
     *,
     load: Callable[[Any], Any] | None = None,
     higher_is_better: bool = True,
-    int_policy: str = "first",
+    int_policy: IntPolicy = "first",
     accumulate_dtype: Any = None,
     name: str = "snapshots",
 ) -> SoupResult:
@@ -69,7 +72,7 @@ def greedy(
 
     Args:
         snapshots: Pytrees with one structure, shapes and dtypes, or checkpoint paths: the
-            candidates for the soup.
+            candidates for the soup. (Formerly ``candidates``, deprecated.)
         evaluate: The held-out metric, ``evaluate(params) -> float``. It receives a
             snapshot as ``load`` returns it (by default a pytree as given, and a path as
             ``polyak.safetensors.load`` reads it: a flat dict of numpy arrays) or a trial
@@ -127,7 +130,7 @@ def greedy(
     ref, individual = _score_each(len(items), load_at, evaluate, int_policy, name)
     # Stable sort, best first, NaN last: ties keep the snapshots' order.
     order = sorted(range(len(items)), key=lambda i: _sort_key(individual[i], higher_is_better))
-    soup = _RunningSum(ref, accumulate_dtype, int_policy)
+    soup = _Soup(ref, accumulate_dtype, int_policy)
     params, members, scores = _search(
         soup, order, individual, load_at, evaluate, higher_is_better, name
     )
@@ -163,7 +166,7 @@ def _score_each(
 
 
 def _search(
-    soup: _RunningSum,
+    soup: _Soup,
     order: list[int],
     individual: list[float],
     load_at: Callable[[int], tuple[Any, _Layout]],
@@ -227,10 +230,10 @@ class _Layout:
         self.accessors = accessors
         self.treespec = treespec
         self.root = root
-        self.kinds = [_kind(leaf) for leaf in leaves]
+        self.backends = [_backend.get(leaf) for leaf in leaves]
+        self.kinds = [be.kind(leaf.dtype) for be, leaf in zip(self.backends, leaves)]
         self.shapes = [tuple(leaf.shape) for leaf in leaves]
         self.dtypes = [leaf.dtype for leaf in leaves]
-        self.namespaces = [namespace(leaf) for leaf in leaves]
 
     def skeleton(self) -> _Layout:
         bare = object.__new__(_Layout)
@@ -256,26 +259,12 @@ class _Layout:
                     f"{other.at(j)}: dtype {other.dtypes[j]} ({other.kinds[j]}) != "
                     f"{self.dtypes[j]} ({self.kinds[j]}) in {self.root}"
                 )
-            if other.namespaces[j] is not self.namespaces[j]:
+            if other.backends[j] is not self.backends[j]:
                 raise DtypeError(
                     f"{other.at(j)}: a {type(other.leaves[j]).__name__} leaf where {self.root} "
                     "has another array library's; every snapshot's leaf must come from the "
                     "same library"
                 )
-
-
-def _kind(leaf: Any) -> str:
-    xp = namespace(leaf)
-    if xp is None:
-        return _kernel.dtype_kind(leaf.dtype)
-    # The kernel's kinds: a complex leaf is "complex", so it never pairs with a real one.
-    if xp.isdtype(leaf.dtype, "real floating"):
-        return "float"
-    if xp.isdtype(leaf.dtype, "complex floating"):
-        return "complex"
-    if xp.isdtype(leaf.dtype, ("integral", "bool")):
-        return "int"
-    return "other"
 
 
 def _read(snapshot: Any, root: str) -> tuple[Any, _Layout]:
@@ -295,7 +284,7 @@ def _read(snapshot: Any, root: str) -> tuple[Any, _Layout]:
 def _layout(tree: Any, root: str) -> _Layout:
     """Flatten ``tree`` (named ``root`` in messages) into a :class:`_Layout`."""
     leaves, accessors, treespec = _tree.flatten(tree)
-    leaves = [detach(x) if namespace(x) is not None else np.asarray(x) for x in leaves]
+    leaves = [_backend.get(x).as_array(x) for x in leaves]
     layout = _Layout(leaves, accessors, treespec, root)
     for j, k in enumerate(layout.kinds):
         if k == "other":
@@ -303,108 +292,54 @@ def _layout(tree: Any, root: str) -> _Layout:
     return layout
 
 
-class _RunningSum:
-    """The soup as the sum of its members' float leaves, plus the integer leaves it needs.
-
-    numpy leaves are summed by the core kernel; torch/JAX leaves in their own library (so
-    bfloat16 and GPU tensors stay as they are), in float32, or float64 for float64 leaves.
-    """
+class _Soup:
+    """The soup as one :class:`WeightedSum` of its members per float leaf, plus the integer
+    leaves the int policy needs; divided by the member count only when asked for params."""
 
     def __init__(self, ref: _Layout, accumulate_dtype: Any, int_policy: str):
         self.ref = ref
-        self.accumulate_dtype = accumulate_dtype
         self.int_policy = int_policy
         self.count = 0
-        self.sums: list[Any] = [None] * len(ref.kinds)
+        self.sums = [
+            None if kind == "int" else WeightedSum(accumulate_dtype=accumulate_dtype)
+            for kind in ref.kinds
+        ]
         self.ints: list[list[Any]] = [[] for _ in ref.kinds]
 
-    def with_added(self, layout: _Layout) -> _RunningSum:
-        new = _RunningSum(self.ref, self.accumulate_dtype, self.int_policy)
-        new.count = self.count
-        new.sums = [s.copy() if isinstance(s, np.ndarray) else s for s in self.sums]
+    def with_added(self, layout: _Layout) -> _Soup:
+        new = object.__new__(_Soup)
+        new.ref, new.int_policy, new.count = self.ref, self.int_policy, self.count
+        new.sums = [None if s is None else s.copy() for s in self.sums]
         new.ints = [list(v) for v in self.ints]
         new.add(layout)
         return new
 
     def add(self, layout: _Layout) -> None:
         for j, x in enumerate(layout.leaves):
-            if layout.kinds[j] == "int":
-                # Only "average" needs every member's integers; the other policies need the
-                # first and the newest, so the soup never holds more than two copies.
-                if self.int_policy != "average" and len(self.ints[j]) == 2:
-                    self.ints[j].pop()
-                self.ints[j].append(x)
+            total = self.sums[j]
+            if total is not None:
+                total.add(x, 1.0)
                 continue
-            xp = namespace(x)
-            if xp is not None:
-                term = xp.astype(x, self._xp_acc_dtype(xp, x.dtype))
-                # Functional add (not +=): a trial soup may share arrays with its parent.
-                self.sums[j] = term if self.sums[j] is None else self.sums[j] + term
-            elif self.sums[j] is None:
-                acc_dtype = _kernel.accumulator_dtype(x.dtype, self.accumulate_dtype)
-                self.sums[j] = np.empty(x.shape, dtype=acc_dtype)
-                _kernel.accumulate(self.sums[j], x, 1.0, self.sums[j], first=True)
-            else:
-                scratch = np.empty_like(self.sums[j])
-                _kernel.accumulate(self.sums[j], x, 1.0, scratch, first=False)
+            # Only "average" needs every member's integers; the other policies need the
+            # first and the newest, so the soup never holds more than two copies.
+            if self.int_policy != "average" and len(self.ints[j]) == 2:
+                self.ints[j].pop()
+            self.ints[j].append(x)
         self.count += 1
-
-    def _xp_acc_dtype(self, xp: Any, dtype: Any) -> Any:
-        wide = dtype == xp.float64 or (
-            self.accumulate_dtype is not None and np.dtype(self.accumulate_dtype) == np.float64
-        )
-        if xp.isdtype(dtype, "complex floating"):
-            return xp.complex128 if wide else xp.result_type(dtype, xp.complex64)
-        return widest_float(xp) if wide else xp.float32
 
     def params(self) -> Any:
         leaves = []
-        for j, kind in enumerate(self.ref.kinds):
-            if kind == "int":
-                leaves.append(self._ints(j))
-                continue
-            xp = self.ref.namespaces[j]
-            if xp is not None:
-                leaves.append(xp.astype(self.sums[j] / self.count, self.ref.dtypes[j]))
+        for j, total in enumerate(self.sums):
+            if total is None:
+                ints = self.ints[j]
+                where = _tree.where(self.ref.accessors[j], root="the soup")
+                weights = np.full(len(ints), 1.0 / len(ints))
+                leaves.append(
+                    self.ref.backends[j].combine_ints(ints, weights, self.int_policy, where)
+                )
             else:
                 # Sum of 1 * x_i, one division, one rounding: what polyak.average does with
                 # equal weights (kernel.split_weights), so the soup equals it bit for bit.
-                out = np.empty(self.ref.shapes[j], dtype=self.ref.dtypes[j])
-                _kernel.finalize(self.sums[j].copy(), out, float(self.count))
-                leaves.append(out)
+                # On a copy: the sum keeps growing as members join.
+                leaves.append(total.copy().result(self.ref.dtypes[j], divisor=float(self.count)))
         return self.ref.treespec.unflatten(leaves)
-
-    def _ints(self, j: int) -> Any:
-        ints = self.ints[j]
-        xp = namespace(ints[0])
-        if xp is None:
-            weights = np.full(len(ints), 1.0 / len(ints))
-            where = _tree.where(self.ref.accessors[j], root="the soup")
-            return _kernel.combine_ints(ints, weights, self.int_policy, where)
-        if self.int_policy == "first":
-            return xp.asarray(ints[0], copy=True)
-        if self.int_policy == "last":
-            return xp.asarray(ints[-1], copy=True)
-        if self.int_policy == "error":
-            raise DtypeError(
-                f"{_tree.where(self.ref.accessors[j], root='the soup')}: {ints[0].dtype} leaf "
-                "cannot be averaged with int_policy='error' (use 'last', 'first' or 'average')"
-            )
-        mean = sum(xp.astype(x, widest_float(xp)) for x in ints) / len(ints)
-        rounded = xp.round(mean)
-        if ints[0].dtype == xp.bool:
-            return rounded != 0
-        return _clip_cast(xp, rounded, ints[0].dtype)
-
-
-def _clip_cast(xp: Any, rounded: Any, dtype: Any) -> Any:
-    """Cast rounded floats to an integer dtype, clipped to its range as the numpy path does.
-
-    The mean of in-range integers can still round past the range in float: int64's maximum
-    is 2**63 in float64, which torch's cast wraps to the minimum. Saturate by comparing in
-    float, then choosing the bound, so no out-of-range float is ever trusted to the cast.
-    """
-    info = xp.iinfo(dtype)
-    out = xp.astype(rounded, dtype)
-    out = xp.where(rounded >= float(info.max), xp.asarray(info.max, dtype=dtype), out)
-    return xp.where(rounded <= float(info.min), xp.asarray(info.min, dtype=dtype), out)

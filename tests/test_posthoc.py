@@ -443,3 +443,16 @@ def test_docstring_examples_run():
     result = doctest.testmod(posthoc, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_solve_old_keyword_names_warn_and_still_work():
+    snaps = _snapshots(every=500)
+    want = posthoc.solve(snaps, sigma_rel=0.08, t=1500)
+    with pytest.warns(DeprecationWarning, match="target_sigma_rel= is deprecated.*sigma_rel="):
+        got = posthoc.solve(snaps, target_sigma_rel=0.08, t=1500)
+    np.testing.assert_array_equal(got, want)
+    with pytest.warns(DeprecationWarning, match="target_t= is deprecated.*t="):
+        got = posthoc.solve(snaps, 0.08, target_t=1500)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(polyak.PolyakError, match="both target_t= and t="):
+        posthoc.solve(snaps, 0.08, target_t=1500, t=1500)

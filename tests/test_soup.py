@@ -365,3 +365,38 @@ def test_docstring_examples_run():
     result = doctest.testmod(soup, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_the_old_candidates_keyword_warns_and_still_works():
+    snaps = [{"w": np.array([1.0])}, {"w": np.array([3.0])}, {"w": np.array([99.0])}]
+    score = lambda p: 10.0 - abs(float(p["w"][0]) - 2.0)  # noqa: E731
+    want = soup.greedy(snaps, score)
+    with pytest.warns(DeprecationWarning, match="candidates= is deprecated.*snapshots="):
+        got = soup.greedy(candidates=snaps, evaluate=score)
+    assert got.members == want.members == [0, 1] and got.scores == want.scores
+    np.testing.assert_array_equal(got.params["w"], want.params["w"])
+
+
+def test_the_load_seam_reads_any_kind_of_snapshot():
+    # Snapshots given by name, loaded by a user function one at a time, twice each.
+    store = {
+        "a": {"w": np.array([1.0])},
+        "b": {"w": np.array([3.0])},
+        "c": {"w": np.array([99.0])},
+    }
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        return store[name]
+
+    res = soup.greedy(["a", "b", "c"], lambda p: -abs(float(p["w"][0]) - 2.0), load=load)
+    assert res.members == [0, 1] and res.params["w"].tolist() == [2.0]
+    assert sorted(calls) == ["a", "a", "b", "b", "c", "c"]
+    with pytest.raises(ShapeError, match=r"runs\[1\]\['w'\]"):
+        soup.greedy(
+            ["a", "b"],
+            lambda p: 1.0,
+            load=lambda n: store[n] if n == "a" else {"w": np.ones(2)},
+            name="runs",
+        )

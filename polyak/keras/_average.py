@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
 import numpy as np
 
 from polyak import _kernel
+from polyak._accumulate import WeightedSum, inputs_to_read
 from polyak._average import average, weights
+from polyak._types import PathLike, ScheduleLike
 from polyak.keras import _files
 from polyak.keras._layout import check_all, check_layout, empty_copy, layout, nonempty
 
 __all__ = ["average_weights", "average_models", "average_files"]
 
-PathLike = str | os.PathLike
-
 
 def average_weights(
-    models: Sequence[keras.Model], schedule: Any = None, *, accumulate_dtype: Any = None
+    models: Sequence[keras.Model], schedule: ScheduleLike = None, *, accumulate_dtype: Any = None
 ) -> list[np.ndarray]:
     """Average the weights of models of one architecture, as numpy arrays.
 
@@ -58,7 +59,7 @@ def average_weights(
 
 
 def average_models(
-    models: Sequence[keras.Model], schedule: Any = None, *, accumulate_dtype: Any = None
+    models: Sequence[keras.Model], schedule: ScheduleLike = None, *, accumulate_dtype: Any = None
 ) -> keras.Model:
     """A new model holding the average of ``models``' weights.
 
@@ -88,66 +89,71 @@ def average_models(
     return clone
 
 
-class _RunningSum:
-    """``sum_i w_i * x_i`` over weight lists fed one at a time, with the core's kernel.
+class _FileSum:
+    """``sum_i w_i * x_i`` over models' variables fed one model at a time, one variable at a
+    time: a :class:`WeightedSum` per float variable, the newest array per int/bool one.
 
     Per element this is :func:`polyak.average`'s computation in the same order (the weights
-    split into coefficients and one divisor by the kernel, weight-0 snapshots skipped, the
-    first one assigned, the rest added, one division at the end), hence equal bit for bit.
-    Variables may come one at a time from an iterator, so that no full numpy copy of a model
-    is ever held besides the sums.
+    split into coefficients and one divisor by the kernel, weight-0 snapshots never read,
+    one division at the end), hence equal bit for bit. One scratch buffer per accumulator
+    dtype, of the largest variable's size, serves every variable, so no numpy copy of a
+    whole model is held besides the sums.
     """
 
-    def __init__(self, divisor: float, accumulate_dtype: Any = None) -> None:
+    def __init__(self, divisor: float, accumulate_dtype: Any) -> None:
         self.divisor = divisor
         self.accumulate_dtype = accumulate_dtype
-        self.started = False  # a nonzero-weight snapshot has been assigned
+        self.sums: list[WeightedSum | None] = []
+        self.newest: list[np.ndarray | None] = []
         self.dtypes: list[np.dtype] = []
-        self.sums: list[np.ndarray | None] = []
-        self.newest: list[np.ndarray | None] = []  # int/bool variables: the newest is kept
-        self.scratch: dict[np.dtype, np.ndarray] = {}  # one per dtype, largest variable's size
+        self.pool: dict[np.dtype, np.ndarray] = {}
 
-    def add(self, leaves: Iterable[np.ndarray], w: float) -> None:
-        for j, x in enumerate(leaves):
-            x = np.asarray(x)
+    def add(self, variables: Sequence[Any], w: float, *, ints: bool) -> None:
+        """Add ``w *`` each variable (read only when ``w != 0``); keep int ones if ``ints``."""
+        for j, v in enumerate(variables):
             if j == len(self.sums):
-                self._allocate(x)
-            acc = self.sums[j]
-            if acc is None:
-                self.newest[j] = np.array(x, copy=True)
+                self._allocate(v, variables)
+            total = self.sums[j]
+            if total is None:
+                if ints:
+                    self.newest[j] = np.array(v.numpy(), copy=True)
             elif w != 0:
-                scratch = self.scratch[acc.dtype][: acc.size].reshape(acc.shape)
-                _kernel.accumulate(acc, x, w, scratch, first=not self.started)
-        self.started = self.started or w != 0
+                total.add(np.asarray(v.numpy()), w)
 
-    def _allocate(self, x: np.ndarray) -> None:
-        self.dtypes.append(x.dtype)
+    def _allocate(self, v: Any, variables: Sequence[Any]) -> None:
+        dtype = np.dtype(v.dtype)
+        self.dtypes.append(dtype)
         self.newest.append(None)
-        if _kernel.dtype_kind(x.dtype) not in ("float", "complex"):
+        acc_dtype = self._acc_dtype(dtype)
+        if acc_dtype is None:
             self.sums.append(None)
             return
-        acc = np.empty(x.shape, _kernel.accumulator_dtype(x.dtype, self.accumulate_dtype))
-        self.sums.append(acc)
-        if self.scratch.get(acc.dtype, np.empty(0)).size < acc.size:
-            self.scratch[acc.dtype] = np.empty(acc.size, acc.dtype)
+        if acc_dtype not in self.pool:  # sized from the variables' shapes: nothing is read
+            largest = max(
+                math.prod(u.shape) for u in variables if self._acc_dtype(u.dtype) == acc_dtype
+            )
+            self.pool[acc_dtype] = np.empty(largest, acc_dtype)
+        scratch = self.pool[acc_dtype][: math.prod(v.shape)].reshape(tuple(v.shape))
+        self.sums.append(WeightedSum(scratch=scratch, accumulate_dtype=self.accumulate_dtype))
+
+    def _acc_dtype(self, dtype: Any) -> np.dtype | None:
+        dtype = np.dtype(dtype)
+        if _kernel.dtype_kind(dtype) not in ("float", "complex"):
+            return None
+        return _kernel.accumulator_dtype(dtype, self.accumulate_dtype)
 
     def result(self) -> list[np.ndarray]:
-        self.scratch.clear()
+        self.pool.clear()
         out = []
-        for acc, newest, dtype in zip(self.sums, self.newest, self.dtypes):
-            if acc is None:
-                out.append(newest)
-                continue
+        for total, newest, dtype in zip(self.sums, self.newest, self.dtypes):
             # float32/float64 variables are divided in place, as polyak.average does.
-            final = acc if acc.dtype == dtype else np.empty(acc.shape, dtype)
-            _kernel.finalize(acc, final, self.divisor)
-            out.append(final)
+            out.append(newest if total is None else total.result(dtype, divisor=self.divisor))
         return out
 
 
 def average_files(
     paths: Sequence[PathLike],
-    schedule: Any = None,
+    schedule: ScheduleLike = None,
     *,
     model: keras.Model | None = None,
     accumulate_dtype: Any = None,
@@ -188,28 +194,26 @@ def average_files(
     _files.check_files(paths, model is not None)
     _kernel.accumulator_dtype(np.float32, accumulate_dtype)  # checked before any read
     coefficients, divisor = _kernel.split_weights(weights(schedule, len(paths)))
-    total = _RunningSum(divisor, accumulate_dtype)
+    # As in polyak.average: weight-0 files are never read, except the newest for its ints.
+    plan = inputs_to_read([coefficients], "last")
+    total = _FileSum(divisor, accumulate_dtype)
     ref = None if model is None else layout(model, "model")
     holder = None if model is None else empty_copy(model, "model")
     ref_label = "model"
     current = None
-    last = len(paths) - 1
-    for i, path in enumerate(paths):
-        if coefficients[i] == 0 and i != last:
-            continue  # as in polyak.average, a weight-0 snapshot is never read
-        label = f"paths[{i}] {path!r}"
+    for i in plan.any:
+        label = f"paths[{i}] {paths[i]!r}"
         if holder is None and current is not None:
             # Release the previous model before reading the next one.
             del current
             _files.release()
-        current = _files.load(path, holder, label, compile=i == last)
+        current = _files.load(paths[i], holder, label, compile=i == len(paths) - 1)
         mine = layout(current, label)
         if ref is None:
             ref, ref_label = mine, label
         else:
             check_layout(mine, label, ref, ref_label)
-        # One variable at a time: no numpy copy of the whole model.
-        total.add((v.numpy() for v in current.weights), float(coefficients[i]))
+        total.add(current.weights, float(coefficients[i]), ints=i in plan.ints)
     current.set_weights(total.result())
     if current.compiled:
         # Loading restored the newest snapshot's optimizer state; it does not belong to the

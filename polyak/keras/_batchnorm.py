@@ -1,4 +1,4 @@
-"""Recomputing BatchNormalization statistics for averaged weights (torch's ``update_bn`` for Keras)."""
+"""BatchNormalization statistics recomputed for averaged weights (torch's ``update_bn``)."""
 
 from __future__ import annotations
 

@@ -8,12 +8,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from polyak import Averager, SnapshotDir, _kernel, schedules
+from polyak import Averager, SnapshotDir, schedules
 from polyak._errors import EmptyInputError, NoOnlineFormError, PolyakError
+from polyak._types import PathLike, ScheduleLike
 
 __all__ = ["WeightAveraging"]
-
-PathLike = str | os.PathLike
 
 
 def _weight_names(model: Any) -> list[str]:
@@ -74,13 +73,10 @@ class WeightAveraging(keras.callbacks.Callback):
         swap_on_end: Put the average into the model when ``fit()`` ends.
         snapshot_dir: A directory for the snapshots; it must not already hold snapshots.
         keep: Keep only the newest ``keep`` snapshot files (needs ``snapshot_dir``).
-        accumulate_dtype: Raise the accumulation precision (``"float64"``), as in
-            :func:`polyak.average`.
 
     Raises:
         NoOnlineFormError: the schedule has no online form and no ``snapshot_dir`` is given.
         ScheduleError: the schedule cannot be resolved.
-        DtypeError: ``accumulate_dtype`` is not a floating-point dtype.
         PolyakError: a bad ``start_epoch``, ``every`` or ``keep``, or a ``snapshot_dir``
             that already holds snapshots.
 
@@ -92,23 +88,20 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def __init__(
         self,
-        schedule: Any = "equal",
+        schedule: ScheduleLike = "equal",
         *,
         start_epoch: int = 0,
         every: str = "epoch",
         swap_on_end: bool = True,
         snapshot_dir: PathLike | None = None,
         keep: int | None = None,
-        accumulate_dtype: Any = None,
     ) -> None:
         super().__init__()
         _check_args(start_epoch, every, snapshot_dir, keep)
-        _kernel.accumulator_dtype(np.float32, accumulate_dtype)  # checked before training
         self.schedule = schedules.resolve(schedule)
         self.start_epoch = start_epoch
         self.every = every
         self.swap_on_end = bool(swap_on_end)
-        self.accumulate_dtype = accumulate_dtype
         self.snapshots = _snapshot_dir(snapshot_dir, keep)
         self.averager = self._averager()
         # Keras runs batch-end hooks of async-safe callbacks in a background thread and

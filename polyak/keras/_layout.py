@@ -80,9 +80,13 @@ def _check_variables(mine: Layer, theirs: Layer, here: str, there: str) -> None:
         mine.variables, theirs.variables
     ):
         if shape != ref_shape:
-            raise ShapeError(f"{here} variable {path!r} has shape {shape}, {there} has {ref_shape}")
+            raise ShapeError(
+                f"{here} variable {path!r} has shape {shape}, {there} has {ref_shape}"
+            )
         if dtype != ref_dtype:
-            raise DtypeError(f"{here} variable {path!r} has dtype {dtype}, {there} has {ref_dtype}")
+            raise DtypeError(
+                f"{here} variable {path!r} has dtype {dtype}, {there} has {ref_dtype}"
+            )
 
 
 def check_layout(mine: Layout, label: str, ref: Layout, ref_label: str) -> None:

@@ -11,12 +11,11 @@ import numpy as np
 
 from polyak import soup
 from polyak._errors import PolyakError
+from polyak._types import PathLike
 from polyak.keras import _files
 from polyak.keras._layout import check_all, check_layout, empty_copy, layout, nonempty
 
 __all__ = ["greedy_soup"]
-
-PathLike = str | os.PathLike
 
 
 def _file_loader(
