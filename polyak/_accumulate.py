@@ -136,8 +136,9 @@ class WeightedSum:
             DtypeError: ``x`` is not float/complex, or ``accumulate_dtype`` is not a float
                 or complex dtype.
         """
-        self.like = x
         if w == 0:
+            if not self._started:
+                self.like = x  # kept only while empty: a sum must not pin its inputs
             return
         be = self._backend
         if be is None:

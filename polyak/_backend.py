@@ -193,7 +193,11 @@ class Backend:
         if dtype == xp.bool:
             return rounded != 0
         info = xp.iinfo(dtype)
-        return xp.astype(xp.clip(rounded, info.min, info.max), dtype)
+        # Saturate by comparing in float: int64's max is 2**63 in float64, which a clip in
+        # float keeps and the cast then wraps to the minimum.
+        out = xp.astype(xp.clip(rounded, info.min, info.max), dtype)
+        out = xp.where(rounded >= float(info.max), xp.asarray(info.max, dtype=dtype), out)
+        return xp.where(rounded <= float(info.min), xp.asarray(info.min, dtype=dtype), out)
 
     def combine_ints(self, xs: Sequence[Any], w: np.ndarray, policy: str, where: str) -> Any:
         """Combine int/bool leaves by the int policy (see :func:`_kernel.combine_ints`).
