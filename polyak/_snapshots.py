@@ -29,7 +29,6 @@ _DIGITS = 10  # steps up to 10**10 - 1 sort by name too; larger ones still sort 
 _NAME = re.compile(rf"^{_PREFIX}(\d+){re.escape(_SUFFIX)}$")
 #: The metadata key of the step each snapshot file records.
 STEP_KEY = "polyak.step"
-_STEP_KEY = STEP_KEY  # the old name, until polyak.posthoc imports STEP_KEY (issue 10)
 
 
 class SnapshotDir:

@@ -471,7 +471,7 @@ def reconstruct(
         91.8
     """
     from polyak import safetensors as st
-    from polyak._snapshots import _STEP_KEY
+    from polyak._snapshots import STEP_KEY
 
     single = isinstance(sigma_rel, numbers.Real)
     outputs = [output] if single else output
@@ -491,7 +491,7 @@ def reconstruct(
     base = {
         k: v
         for k, v in (st.read_metadata(found[0][0]) or {}).items()
-        if k not in (T_KEY, GAMMA_KEY, _STEP_KEY)
+        if k not in (T_KEY, GAMMA_KEY, STEP_KEY)
     }
     metadata = [
         {

@@ -444,6 +444,23 @@ def test_callback_average_equals_average_of_its_snapshots(data, tmp_path, schedu
     assert_lists_equal(callback.average, swapped)
 
 
+def test_callback_accumulate_dtype(data, tmp_path):
+    callback = pk.WeightAveraging(
+        "linear", snapshot_dir=tmp_path, accumulate_dtype="float64", swap_on_end=False
+    )
+    model, _ = fit_with(callback, data, epochs=4)
+    snapshots, _ = read_snapshots(tmp_path, model)
+    wide = polyak.average(snapshots, "linear", accumulate_dtype="float64")
+    # The float32 online fold and a float64 one round differently somewhere: the callback
+    # must have used float64, and equal a float64 batch average to float64 rounding.
+    for got, want in zip(callback.average, wide):
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)
+    narrow = pk.WeightAveraging("linear", snapshot_dir=tmp_path / "n", swap_on_end=False)
+    fit_with(narrow, data, epochs=4)
+    with pytest.raises(polyak.DtypeError, match="accumulate_dtype"):
+        pk.WeightAveraging("equal", accumulate_dtype="int32")
+
+
 def test_callback_every_batch(data, tmp_path):
     callback = pk.WeightAveraging(
         schedules.ema(0.5), start_epoch=1, every="batch", snapshot_dir=tmp_path

@@ -73,12 +73,15 @@ class WeightAveraging(keras.callbacks.Callback):
         swap_on_end: Put the average into the model when ``fit()`` ends.
         snapshot_dir: A directory for the snapshots; it must not already hold snapshots.
         keep: Keep only the newest ``keep`` snapshot files (needs ``snapshot_dir``).
+        accumulate_dtype: Raise the accumulators' precision (e.g. ``"float64"``), as in
+            :func:`polyak.average`.
 
     Raises:
         NoOnlineFormError: the schedule has no online form and no ``snapshot_dir`` is given.
         ScheduleError: the schedule cannot be resolved.
         PolyakError: a bad ``start_epoch``, ``every`` or ``keep``, or a ``snapshot_dir``
             that already holds snapshots.
+        DtypeError: ``accumulate_dtype`` is not a float or complex dtype.
 
     Example:
         >>> swa = polyak.keras.WeightAveraging("equal", start_epoch=75)  # doctest: +SKIP
@@ -95,6 +98,7 @@ class WeightAveraging(keras.callbacks.Callback):
         swap_on_end: bool = True,
         snapshot_dir: PathLike | None = None,
         keep: int | None = None,
+        accumulate_dtype: np.dtype | str | None = None,
     ) -> None:
         super().__init__()
         _check_args(start_epoch, every, snapshot_dir, keep)
@@ -102,6 +106,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self.start_epoch = start_epoch
         self.every = every
         self.swap_on_end = bool(swap_on_end)
+        self.accumulate_dtype = accumulate_dtype
         self.snapshots = _snapshot_dir(snapshot_dir, keep)
         self.averager = self._averager()
         # Keras runs batch-end hooks of async-safe callbacks in a background thread and
@@ -115,7 +120,7 @@ class WeightAveraging(keras.callbacks.Callback):
 
     def _averager(self) -> Averager | None:
         if self.schedule.online:
-            return Averager(self.schedule)
+            return Averager(self.schedule, accumulate_dtype=self.accumulate_dtype)
         if self.snapshots is None:
             raise NoOnlineFormError(
                 f"schedule {self.schedule!r} has no online form: pass snapshot_dir= to save "
@@ -166,5 +171,5 @@ class WeightAveraging(keras.callbacks.Callback):
         if self.averager is not None:
             value = self.averager.value
         else:
-            value = self.snapshots.average(self.schedule)
+            value = self.snapshots.average(self.schedule, accumulate_dtype=self.accumulate_dtype)
         return [np.asarray(value[name]) for name in self._names]
