@@ -194,7 +194,8 @@ def test_merge_many_weights_take_schedules_or_vectors(tmp_path):
     assert records[1]["schedule"] == {"name": "ema", "params": {"decay": 0.5}}
     assert records[2]["schedule"] == {"name": "explicit"}  # a vector has no schedule of its own
     assert records[3]["schedule"] == {"name": "equal", "params": {}}
-    assert [r.schedule for r in reports[:4]] == ["linear()", "ema(decay=0.5)", "explicit", "equal()"]
+    names = [r.schedule for r in reports[:4]]
+    assert names == ["linear()", "ema(decay=0.5)", "explicit", "equal()"]
     # schedules= still names the record, over the entry's own schedule.
     pst.merge_many(paths, outs[:1], ["linear"], schedules=[schedules.tail(4)])
     meta = safetensors_numpy.safe_open(outs[0], "np").metadata()

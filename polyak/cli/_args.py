@@ -196,11 +196,7 @@ def _is_number(text: str) -> bool:
     return True
 
 
-
-
-def weights_table(
-    w: Sequence[float], labels: Sequence[str] | None = None, width: int = 40
-) -> str:
+def weights_table(w: Sequence[float], labels: Sequence[str] | None = None, width: int = 40) -> str:
     """Weights as rows of index, label, value and a text bar scaled to the largest, then
     their sum: the table ``polyak weights``, ``merge --dry-run`` and the demo print."""
     top = max((abs(x) for x in w), default=0.0) or 1.0
@@ -212,8 +208,6 @@ def weights_table(
         rows.append(f"  {i:>4}  {name:<{lab_width}}  {x:>10.6f}  {bar}".rstrip())
     rows.append(f"  {'sum':>4}  {'':<{lab_width}}  {float(np.sum(w)):>10.6f}")
     return "\n".join(rows)
-
-
 
 
 def add_progress_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import argparse
 import os
 import shutil
 import tempfile
+
 import numpy as np
 
 from polyak.cli._args import CliError, weights_table

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_table(path: str, rows: list[Row], layout: Any) -> None:
-    kind = f"sharded checkpoint, {len(layout)} shards" if layout is not None else "safetensors file"
+    sharded = layout is not None
+    kind = f"sharded checkpoint, {len(layout)} shards" if sharded else "safetensors file"
     print(f"{path}: {kind}")
     if layout is not None:
         sizes = {name: nbytes for name, _, _, nbytes, _ in rows}

@@ -10,8 +10,8 @@ Example:
     >>> run = tempfile.mkdtemp()
     >>> for step in (100, 200, 300, 400):
     ...     pst.save({"w": np.full(3, step / 100, np.float32)}, f"{run}/step_{step}.safetensors")
-    >>> ckpts = sorted(os.listdir(run))  # step_100 ... step_400: already in natural order
-    >>> pst.merge([os.path.join(run, c) for c in ckpts], os.path.join(run, "avg.safetensors")).weights
+    >>> ckpts = [os.path.join(run, c) for c in sorted(os.listdir(run))]  # in natural order
+    >>> pst.merge(ckpts, os.path.join(run, "avg.safetensors")).weights
     (0.25, 0.25, 0.25, 0.25)
 """
 

@@ -90,4 +90,3 @@ class MergeOptions:
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-

@@ -43,7 +43,8 @@ class MergeReport:
 
     def __str__(self) -> str:
         return (
-            f"merged {self.tensors} tensors into {self.output}: read {format_bytes(self.bytes_read)}, "
+            f"merged {self.tensors} tensors into {self.output}: "
+            f"read {format_bytes(self.bytes_read)}, "
             f"wrote {format_bytes(self.bytes_written)} in {self.seconds:.2f} s "
             f"({self.read_gb_per_s:.2f} GB/s) with weights "
             f"[{', '.join(f'{w:.4g}' for w in self.weights)}]"
