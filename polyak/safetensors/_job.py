@@ -89,14 +89,14 @@ def resolve_weights(
             if count != n:
                 raise WeightsError(
                     f"{count} weights but {n} checkpoints were given "
-                    "(one weight per input, oldest first)"
+                    "(one weight per checkpoint, oldest first)"
                 )
         else:
             w = np.asarray(entry, np.float64)
             if w.shape != (n,):
                 raise WeightsError(
                     f"weight vector {k} has {w.size} weights but {n} checkpoints were given "
-                    "(one weight per input, oldest first)"
+                    "(one weight per checkpoint, oldest first)"
                 )
             sched, source = None, explicit(list(w))
         weights.append(source.weights(n, normalize=normalize))
