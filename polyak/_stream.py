@@ -23,7 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from polyak import _kernel
+from polyak._accumulate import WeightedSum, inputs_to_read
 from polyak._errors import DtypeError, EmptyInputError, StructureError, WeightsError
+from polyak._types import IntPolicy
 
 __all__ = [
     "Reader",
@@ -36,7 +38,6 @@ __all__ = [
     "bytes_to_read",
     "BufferSpec",
     "buffer_spec",
-    "int_inputs",
     "SPAN_BYTES",
     "CHUNK_ELEMENTS",
 ]
@@ -94,7 +95,7 @@ def plan(
     labels: Sequence[str],
     *,
     dtype: np.dtype | None = None,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     accumulate_dtype: np.dtype | str | None = None,
 ) -> list[TensorPlan]:
     """Check that all inputs match the first and say how each tensor will be merged.
@@ -174,7 +175,7 @@ def _tensor_plan(
     shape: tuple[int, ...],
     where: str,
     dtype: np.dtype | None,
-    int_policy: str,
+    int_policy: IntPolicy,
     accumulate_dtype: np.dtype | str | None,
 ) -> TensorPlan:
     """How one tensor is merged (see :func:`plan`); ``where`` prefixes its error messages."""
@@ -206,18 +207,6 @@ def _check_weights(weight_vectors: Sequence[np.ndarray], n: int) -> list[np.ndar
     return out
 
 
-def int_inputs(weight_vectors: Sequence[np.ndarray], n: int, int_policy: str) -> list[int]:
-    """The inputs an integer/bool tensor is read from: the newest for ``"last"``, the oldest
-    for ``"first"``, and for ``"average"`` those with a nonzero weight in some vector (the
-    newest alone when there are none: it gives the dtype of the all-zero result)."""
-    if int_policy == "last":
-        return [n - 1]
-    if int_policy == "first":
-        return [0]
-    used = [i for i in range(n) if any(w[i] != 0 for w in weight_vectors)]
-    return used or [n - 1]
-
-
 # -- routing: which input feeds which output, with which coefficient ---------------------------
 @dataclass(frozen=True)
 class Routing:
@@ -226,43 +215,37 @@ class Routing:
     Attributes:
         divisors: per output, the one division applied at the end (see
             :func:`polyak._kernel.split_weights`).
-        active: per output, its ``(input, coefficient)`` pairs with a nonzero coefficient.
-        feeds: per input, the ``(output, coefficient, first)`` it is folded into; ``first``
-            marks the output's first input, which initialises the accumulator.
+        feeds: per input, the ``(output, coefficient)`` pairs it is added to, oldest input
+            first, nonzero coefficients only.
         used: the inputs float tensors are read from (0 in every vector: never read).
-        int_read: the inputs integer tensors are read from (:func:`int_inputs`).
+        int_read: the inputs integer tensors are read from.
         int_weights: per output, the weights of ``int_read``.
     """
 
     divisors: tuple[float, ...]
-    active: tuple[tuple[tuple[int, float], ...], ...]
-    feeds: tuple[tuple[tuple[int, float, bool], ...], ...]
+    feeds: tuple[tuple[tuple[int, float], ...], ...]
     used: tuple[int, ...]
     int_read: tuple[int, ...]
     int_weights: tuple[np.ndarray, ...]
 
 
-def route(weight_vectors: Sequence[np.ndarray], int_policy: str) -> Routing:
+def route(weight_vectors: Sequence[np.ndarray], int_policy: IntPolicy) -> Routing:
     """The :class:`Routing` of float64 weight vectors of equal length (one per output)."""
-    n = len(weight_vectors[0])
     # Exactly as polyak.average: rational weights become small integer coefficients and one
-    # division at the end; inputs whose coefficient is 0 are never read.
+    # division at the end.
     split = [_kernel.split_weights(w) for w in weight_vectors]
-    active = [tuple((i, float(c[i])) for i in range(n) if c[i] != 0) for c, _ in split]
-    feeds: list[list[tuple[int, float, bool]]] = [[] for _ in range(n)]
-    for k, act in enumerate(active):
-        for j, (i, wi) in enumerate(act):
-            feeds[i].append((k, wi, j == 0))
-    # Integer tensors read only the inputs the policy looks at (the newest for "last"), as
-    # polyak.average's result depends on no other; the weights follow the inputs read.
-    int_read = int_inputs(weight_vectors, n, int_policy)
+    # The one read rule (polyak.average's): float tensors read the inputs some output weighs,
+    # integer tensors only those the int policy looks at (the newest for "last").
+    reads = inputs_to_read([c for c, _ in split], int_policy)
     return Routing(
         divisors=tuple(d for _, d in split),
-        active=tuple(active),
-        feeds=tuple(tuple(f) for f in feeds),
-        used=tuple(i for i in range(n) if feeds[i]),
-        int_read=tuple(int_read),
-        int_weights=tuple(w[int_read] for w in weight_vectors),
+        feeds=tuple(
+            tuple((k, float(c[i])) for k, (c, _) in enumerate(split) if c[i] != 0)
+            for i in range(len(weight_vectors[0]))
+        ),
+        used=tuple(reads.floats),
+        int_read=tuple(reads.ints),
+        int_weights=tuple(w[reads.ints] for w in weight_vectors),
     )
 
 
@@ -334,7 +317,7 @@ class _Stream:
     writers: Sequence[Writer]
     routing: Routing
     spec: BufferSpec
-    int_policy: str
+    int_policy: IntPolicy
     last_label: str
     local: threading.local
 
@@ -354,18 +337,17 @@ def _float_span(st: _Stream, p: TensorPlan, start: int, stop: int) -> int:
         m = min(sub, stop - s)
         x = _view(bufs.x, p.dtype, m)
         scratch = _view(bufs.scratch, acc_dtype, m)
-        accs = [_view(a, acc_dtype, m) for a in bufs.accs]
+        # One sum per output over this chunk of the preallocated buffers: nothing allocated.
+        sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
         for i in route_.used:
             st.readers[i].read(p.name, s, x)
             nread += x.nbytes
-            for k, wi, first in route_.feeds[i]:
-                _kernel.accumulate(accs[k], x, wi, scratch, first=first)
-        for k, acc in enumerate(accs):
-            if not route_.active[k]:
-                acc[...] = 0
-            out = acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
-            _kernel.finalize(acc, out, route_.divisors[k])
-            st.writers[k].write(p.name, s, out)
+            for k, wi in route_.feeds[i]:
+                sums[k].add(x, wi)
+        for k, total in enumerate(sums):
+            # float32/float64 tensors are rounded in place, others into the output slice.
+            out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
+            st.writers[k].write(p.name, s, total.result(out=out, divisor=route_.divisors[k]))
     return nread
 
 
@@ -446,7 +428,7 @@ def run(
     weight_vectors: Sequence[np.ndarray],
     plans: Sequence[TensorPlan],
     *,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     threads: int = 1,
     chunk_elements: int = CHUNK_ELEMENTS,
     span_bytes: int = SPAN_BYTES,
@@ -460,8 +442,8 @@ def run(
         writers: one per weight vector, laid out for ``plans``.
         weight_vectors: float64 weights (already normalised as wanted), one per writer. An
             input whose weight is 0 in every vector is never read, as in
-            :func:`polyak.average`; integer tensors read only the inputs of
-            :func:`int_inputs`.
+            :func:`polyak.average`; integer tensors read only the inputs the int policy
+            looks at (:func:`polyak._accumulate.inputs_to_read`).
         plans: from :func:`plan`.
         int_policy: as in :func:`polyak.average`.
         threads: worker threads (1 runs in the calling thread).

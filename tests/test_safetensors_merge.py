@@ -213,6 +213,20 @@ def test_merge_many_weights_take_schedules_or_vectors(tmp_path):
     assert plan.weights == (tuple(polyak.weights("linear", 4)), (0.0, 0.0, 0.0, 1.0))
 
 
+def test_weight_vectors_is_a_deprecated_alias_of_weights(tmp_path):
+    paths, trees = _write_run(str(tmp_path), 3, lambda i: {"w": np.full(5, i, np.float32)})
+    out = str(tmp_path / "m.safetensors")
+    with pytest.warns(DeprecationWarning, match="weight_vectors= is deprecated.*use weights="):
+        (report,) = pst.merge_many(paths, [out], weight_vectors=[[1, 0, 1]])
+    assert report.weights == (0.5, 0.0, 0.5)
+    _assert_bitwise(pst.load(out), polyak.average(trees, [1, 0, 1]))
+    with pytest.warns(DeprecationWarning, match="plan_merge"):
+        plan = pst.plan_merge(paths, [out], weight_vectors=["linear"])
+    assert plan.weights == (tuple(polyak.weights("linear", 3)),)
+    with pytest.raises(polyak.PolyakError, match="both weight_vectors= and weights="):
+        pst.merge_many(paths, [out], weights=[[1, 1, 1]], weight_vectors=[[1, 1, 1]])
+
+
 def _sharded_run(folder, n, rng):
     """n sharded checkpoints written with the official library, HF layout."""
     paths, trees = [], []

@@ -15,6 +15,7 @@ import numpy as np
 
 from polyak import _stream
 from polyak._errors import EmptyInputError, PolyakError, WeightsError
+from polyak._types import PathLike, ScheduleLike
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._order import natural_order_problem
@@ -26,11 +27,9 @@ from polyak.schedules import Schedule, explicit, resolve
 
 __all__ = ["MergeJob", "resolve_weights", "check_paths"]
 
-Path = str | os.PathLike[str]
-
 
 def check_paths(
-    inputs: Sequence[Path], outputs: Sequence[Path], n_weights: int
+    inputs: Sequence[PathLike], outputs: Sequence[PathLike], n_weights: int
 ) -> tuple[list[str], list[str]]:
     """The input and output paths as strings, checked: a sequence of inputs (not one path),
     none empty, one weight entry per output, no output twice.
@@ -66,7 +65,7 @@ def _is_schedule(entry: Any) -> bool:
 
 
 def resolve_weights(
-    entries: Sequence[Any], n: int, *, normalize: bool
+    entries: Sequence[ScheduleLike], n: int, *, normalize: bool
 ) -> tuple[list[np.ndarray], list[Schedule | None]]:
     """Per output, the float64 weights of ``n`` inputs and the schedule that gave them.
 
@@ -148,9 +147,9 @@ class MergeJob:
     def __init__(
         self,
         stack: contextlib.ExitStack,
-        inputs: Sequence[Path],
-        outputs: Sequence[Path],
-        weights: Sequence[Any],
+        inputs: Sequence[PathLike],
+        outputs: Sequence[PathLike],
+        weights: Sequence[ScheduleLike],
         options: MergeOptions,
         *,
         schedules: Sequence[Schedule | None] | None = None,

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from polyak import _stream
+from polyak._deprecation import renamed
+from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._order import OrderWarning
@@ -24,18 +26,18 @@ from polyak.schedules import Schedule
 
 __all__ = ["merge", "merge_many", "plan_merge"]
 
-Path = str | os.PathLike[str]
 Progress = bool | Callable[[int, int], None] | None
 
 
+@renamed(weight_vectors="weights")
 def plan_merge(
-    inputs: Sequence[Path],
-    outputs: Sequence[Path],
-    weights: Sequence[Any],
+    inputs: Sequence[PathLike],
+    outputs: Sequence[PathLike],
+    weights: Sequence[ScheduleLike],
     *,
     normalize: bool = True,
     dtype: Any = None,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     accumulate_dtype: Any = None,
     threads: int | None = None,
     max_shard_size: int | str | None = None,
@@ -104,14 +106,15 @@ def plan_merge(
         )
 
 
+@renamed(weight_vectors="weights")
 def merge_many(
-    inputs: Sequence[Path],
-    outputs: Sequence[Path],
-    weights: Sequence[Any],
+    inputs: Sequence[PathLike],
+    outputs: Sequence[PathLike],
+    weights: Sequence[ScheduleLike],
     *,
     normalize: bool = True,
     dtype: Any = None,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     accumulate_dtype: Any = None,
     threads: int | None = None,
     progress: Progress = None,
@@ -183,9 +186,9 @@ def merge_many(
 
 
 def _run(
-    inputs: Sequence[Path],
-    outputs: Sequence[Path],
-    weights: Sequence[Any],
+    inputs: Sequence[PathLike],
+    outputs: Sequence[PathLike],
+    weights: Sequence[ScheduleLike],
     options: MergeOptions,
     progress: Progress,
     schedules: Sequence[Schedule | None] | None = None,
@@ -259,13 +262,13 @@ def _progress(progress: Progress, total: int) -> Iterator[Callable[[int], Any] |
 
 
 def merge(
-    inputs: Sequence[Path],
-    output: Path,
-    schedule: Any = None,
+    inputs: Sequence[PathLike],
+    output: PathLike,
+    schedule: ScheduleLike = None,
     *,
     normalize: bool = True,
     dtype: Any = None,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     threads: int | None = None,
     progress: Progress = None,
     max_shard_size: int | str | None = None,

@@ -9,6 +9,7 @@ from typing import Any
 
 from polyak import _kernel, _stream
 from polyak._errors import PolyakError
+from polyak._types import IntPolicy
 from polyak.safetensors._parse import parse_accumulate_dtype, parse_dtype, parse_size
 
 __all__ = ["MergeOptions", "default_threads"]
@@ -63,7 +64,7 @@ class MergeOptions:
 
     normalize: bool = True
     dtype: Any = None
-    int_policy: str = "last"
+    int_policy: IntPolicy = "last"
     accumulate_dtype: Any = None
     threads: int | None = None
     max_shard_size: int | str | None = None

@@ -6,6 +6,7 @@ import os
 import re
 from collections.abc import Sequence
 
+from polyak._types import PathLike
 from polyak.utils import natural_key
 
 __all__ = ["OrderWarning", "natural_order_problem"]
@@ -15,7 +16,7 @@ class OrderWarning(UserWarning):
     """Inputs with numbered names are not in natural order (``epoch_10`` before ``epoch_9``)."""
 
 
-def natural_order_problem(paths: Sequence[str | os.PathLike[str]]) -> str | None:
+def natural_order_problem(paths: Sequence[PathLike]) -> str | None:
     """A warning text when numbered file names are not in natural order, else None."""
     names = [os.path.basename(os.path.normpath(os.fspath(p))) for p in paths]
     if len(names) < 2 or not all(re.search(r"\d", n) for n in names):

@@ -12,11 +12,10 @@ import numpy as np
 
 from polyak import _kernel
 from polyak._errors import DtypeError, PolyakError
+from polyak._types import PathLike
 from polyak.safetensors._format import DTYPES
 
 __all__ = ["parse_dtype", "parse_accumulate_dtype", "parse_size", "shard_size"]
-
-Path = str | os.PathLike[str]
 
 _DTYPE_NAMES = {
     **{k.lower(): v for k, v in DTYPES.items()},
@@ -115,7 +114,7 @@ def parse_size(size: int | str | None) -> int | None:
     return value
 
 
-def shard_size(max_shard_size: int | str | None, outputs: Sequence[Path]) -> int | None:
+def shard_size(max_shard_size: int | str | None, outputs: Sequence[PathLike]) -> int | None:
     """``max_shard_size`` in bytes, refused when no output is a directory (it would be
     silently ignored: a ``.safetensors`` output is always one file).
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from polyak._errors import PolyakError
+from polyak._types import IntPolicy
 from polyak.schedules import Schedule
 
 __all__ = ["describe", "output_metadata"]
@@ -28,7 +29,7 @@ def output_metadata(
     *,
     weights: np.ndarray,
     schedule: Schedule | None,
-    int_policy: str,
+    int_policy: IntPolicy,
     inputs: Sequence[str],
     dtype: np.dtype | None,
 ) -> dict[str, str]:
