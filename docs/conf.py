@@ -64,4 +64,5 @@ api_coverage_modules = [
     "polyak.keras",
     "polyak.posthoc",
     "polyak.soup",
+    "polyak.utils",
 ]
