@@ -43,7 +43,7 @@ __all__ = [
 
 # Adapters load on first use (``polyak.safetensors.merge``, ``polyak.keras``), so that
 # ``import polyak`` imports no framework and no file-format code.
-_LAZY_MODULES = ("safetensors", "keras", "cli")
+_LAZY_MODULES = ("safetensors", "keras", "cli", "utils")
 
 
 def __getattr__(name: str):
