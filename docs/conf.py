@@ -61,6 +61,8 @@ api_coverage_modules = [
     "polyak.schedules",
     "polyak.safetensors",
     "polyak.keras",
+    "polyak.lightning",
+    "polyak.transformers",
     "polyak.posthoc",
     "polyak.soup",
 ]
