@@ -243,6 +243,21 @@ class WeightAveraging(pl.Callback):
 
     # --- checkpoints -----------------------------------------------------------------------
 
+    @property
+    def state_key(self) -> str:
+        """The key of this callback's state in checkpoints: unique per configuration.
+
+        Lightning refuses two stateful callbacks with one key, and several averages (an
+        EMA and an SWA, say) may train side by side; resuming needs the same arguments.
+        """
+        return self._generate_state_key(
+            schedule=repr(self.schedule),
+            every_n_steps=self.every_n_steps,
+            start_step=self.start_step,
+            buffers=self.buffers,
+            snapshot_dir=None if self.snapshots is None else str(self.snapshots.path),
+        )
+
     def state_dict(self) -> dict[str, Any]:
         """The averager's state (sharded averages gathered: every rank calls) and the step."""
         if self.averager is None:
