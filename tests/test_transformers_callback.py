@@ -113,11 +113,13 @@ def test_saved_average_folders_load_and_equal_the_manual_average(tmp_path):
         assert torch.equal(v, rec.steps[12][k]), k
 
 
-def eval_loss(net: torch.nn.Module) -> float:
-    ids = Tokens(2, 16).ids
-    net.eval()
-    with torch.no_grad():
-        return float(net(input_ids=ids, labels=ids).loss)
+def eval_loss(net: torch.nn.Module, tmp: Path) -> float:
+    """The Trainer's own evaluation of ``net`` (its loss normalisation included)."""
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp), per_device_eval_batch_size=8, report_to=[], use_cpu=True
+    )
+    trainer = transformers.Trainer(model=net, args=args, eval_dataset=Tokens(2, 16))
+    return trainer.evaluate()["eval_loss"]
 
 
 def test_evaluation_during_training_reports_the_average(tmp_path):
@@ -129,10 +131,10 @@ def test_evaluation_during_training_reports_the_average(tmp_path):
         net = transformers.GPT2LMHeadModel.from_pretrained(
             tmp_path / f"checkpoint-{step}" / "average"
         )
-        assert evals[step] == pytest.approx(eval_loss(net), rel=1e-5)
+        assert evals[step] == pytest.approx(eval_loss(net, tmp_path / "e"), rel=1e-6)
         raw = model()
         raw.load_state_dict(rec.steps[step])
-        assert evals[step] != pytest.approx(eval_loss(raw), rel=1e-3)
+        assert evals[step] != pytest.approx(eval_loss(raw, tmp_path / "e"), rel=1e-3)
     # After each evaluation the model got its own weights back: training continued from them,
     # so the weights at step 12 equal an identical run without evaluations.
     plain = Recorder()

@@ -39,15 +39,15 @@ class Regression(pl.LightningModule):
         self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def loader(seed: int, n: int, shuffle: bool = False) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 8, generator=g)
-    y = torch.sin(x[:, :1]) + x[:, 1:2] * x[:, 2:3] + 0.3 * torch.randn(n, 1, generator=g)
+    y = x.sum(dim=1, keepdim=True) + torch.randn(n, 1, generator=g)  # noisy targets
     dataset = torch.utils.data.TensorDataset(x, y)
-    return torch.utils.data.DataLoader(dataset, batch_size=16, shuffle=shuffle)
+    return torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=shuffle)
 
 
 def val_loss(model: torch.nn.Module, data: torch.utils.data.DataLoader) -> float:
@@ -62,7 +62,7 @@ def main() -> None:
     torch.manual_seed(0)
     train, val = loader(0, 512), loader(1, 256)
     with tempfile.TemporaryDirectory() as root:
-        ema = polyak.lightning.WeightAveraging(polyak.schedules.ema(0.98), start_step=32)
+        ema = polyak.lightning.WeightAveraging(polyak.schedules.ema(0.99), start_step=64)
         checkpoints = pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)
         options = dict(accelerator="cpu", logger=False, enable_progress_bar=False,
                        enable_model_summary=False, default_root_dir=root)  # fmt: skip
@@ -73,7 +73,7 @@ def main() -> None:
               f"(of the average, {ema.averager.count} steps folded)")  # fmt: skip
 
         # A new process would do the same: a new callback continues the saved average.
-        resumed = polyak.lightning.WeightAveraging(polyak.schedules.ema(0.98), start_step=32)
+        resumed = polyak.lightning.WeightAveraging(polyak.schedules.ema(0.99), start_step=64)
         trainer = pl.Trainer(max_epochs=8, callbacks=[resumed], **options)
         trainer.fit(Regression(), train, val, ckpt_path=f"{root}/last.ckpt")
         model = trainer.lightning_module
