@@ -20,10 +20,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 pytest.importorskip("polyak.torch")
 
-from polyak.torch import ModelAverager  # noqa: E402
-
 import polyak  # noqa: E402
 import polyak.transformers as ptf  # noqa: E402
+from polyak.torch import ModelAverager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
