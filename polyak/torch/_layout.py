@@ -20,7 +20,28 @@ import torch
 from polyak._errors import DtypeError, PolyakError, ShapeError, StructureError
 from polyak.torch._sharded import is_dtensor
 
-__all__ = ["Entry", "Spec", "spec_of", "named_tensors", "role_of", "accumulator_dtype", "match"]
+__all__ = [
+    "generation",
+    "Entry", "Spec", "spec_of", "named_tensors", "role_of", "accumulator_dtype", "match"]
+
+# Bumped whenever any module registers or replaces a parameter or buffer (setattr, assign
+# loads): an averager re-checks its model's tensors only then, so the steady state does no
+# per-tensor work and a swapped parameter is still seen. torch offers these hooks globally.
+_generation = [0]
+
+
+def _bump(*_: object) -> None:
+    _generation[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+
+
+def generation() -> int:
+    """A counter that changes whenever any module registers a parameter or buffer."""
+    return _generation[0]
+
 
 _LOW_PRECISION = {
     torch.float16,
