@@ -63,4 +63,5 @@ api_coverage_modules = [
     "polyak.keras",
     "polyak.posthoc",
     "polyak.soup",
+    "polyak.torch",
 ]
