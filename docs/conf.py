@@ -65,4 +65,5 @@ api_coverage_modules = [
     "polyak.transformers",
     "polyak.posthoc",
     "polyak.soup",
+    "polyak.torch",
 ]

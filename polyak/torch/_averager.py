@@ -29,6 +29,7 @@ from polyak.torch._layout import (
     match,
     named_tensors,
     role_of,
+    generation,
     spec_of,
 )
 from polyak.torch._sharded import is_dtensor, local, locals_of
@@ -103,9 +104,10 @@ class ModelAverager:
         DtypeError: an int/bool tensor is averaged under ``int_policy="error"``.
 
     .. note::
-        Like an optimizer, the averager keeps references to the model's tensors. Replacing a
-        parameter object (``load_state_dict(..., assign=True)``, re-wrapping the model) after
-        construction is not seen; build a new averager, or pass the model to :meth:`update`.
+        Like an optimizer, the averager keeps references to the model's tensors, so an
+        update walks no module tree. It takes them again only when some module registers a
+        parameter or buffer (torch's global registration hooks tell it), e.g. after
+        ``load_state_dict(..., assign=True)``.
 
     Example:
         >>> import torch, polyak, polyak.torch as pt
@@ -148,6 +150,7 @@ class ModelAverager:
         }
         self._side_accs = {r: [local(self._acc[n]) for n in ns] for r, ns in self._side.items()}
         self._plan = self._make_plan(tensors)
+        self._generation = generation()
         self._other: tuple[weakref.ref, _Plan] | None = None
         self._count = 0
         self._calls = 0
@@ -232,6 +235,11 @@ class ModelAverager:
 
     def _plan_for(self, model: torch.nn.Module | None) -> _Plan:
         if model is None or model is self._model:
+            if self._generation != generation():
+                # Some module re-registered a tensor: take the model's tensors again.
+                tensors, _ = named_tensors(self._model)
+                match(self._specs, tensors, "the model")
+                self._plan, self._generation = self._make_plan(tensors), generation()
             return self._plan
         if self._other is not None and self._other[0]() is model:
             return self._other[1]

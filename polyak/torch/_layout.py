@@ -20,7 +20,35 @@ import torch
 from polyak._errors import DtypeError, PolyakError, ShapeError, StructureError
 from polyak.torch._sharded import is_dtensor
 
-__all__ = ["Entry", "Spec", "spec_of", "named_tensors", "role_of", "accumulator_dtype", "match"]
+__all__ = [
+    "generation",
+    "Entry", "Spec", "spec_of", "named_tensors", "role_of", "accumulator_dtype", "match"]
+
+# Bumped whenever any module registers a new parameter or buffer object (setattr, assign
+# loads): an averager re-checks its model's tensors only then, so the steady state does no
+# per-tensor work and a swapped parameter is still seen. torch offers these hooks globally.
+# Re-assigning the same tensor (``self.n_averaged += 1`` in AveragedModel) changes nothing.
+_generation = [0]
+
+
+def _on_parameter(module: torch.nn.Module, name: str, value: object) -> None:
+    if module._parameters.get(name) is not value:
+        _generation[0] += 1
+
+
+def _on_buffer(module: torch.nn.Module, name: str, value: object) -> None:
+    if module._buffers.get(name) is not value:
+        _generation[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_on_parameter)
+torch.nn.modules.module.register_module_buffer_registration_hook(_on_buffer)
+
+
+def generation() -> int:
+    """A counter that changes whenever any module registers a parameter or buffer."""
+    return _generation[0]
+
 
 _LOW_PRECISION = {
     torch.float16,
