@@ -62,7 +62,10 @@ api_coverage_modules = [
     "polyak.schedules",
     "polyak.safetensors",
     "polyak.keras",
+    "polyak.lightning",
+    "polyak.transformers",
     "polyak.posthoc",
     "polyak.soup",
     "polyak.utils",
+    "polyak.torch",
 ]

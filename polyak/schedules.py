@@ -310,7 +310,8 @@ def ema(decay: float) -> Schedule:
     """The classic exponential moving average, started from the first snapshot.
 
     ``avg_1 = x_1``, then ``avg_t = decay * avg_{t-1} + (1 - decay) * x_t``: the EMA of torch
-    ``AveragedModel(get_ema_avg_fn(decay))``, timm ``ModelEmaV2`` and Keras ``use_ema``,
+    ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))``, timm ``ModelEmaV2``
+    and Keras ``use_ema``,
     with no bias correction. The first snapshot weighs ``decay**(n-1)``, snapshot ``k >= 2``
     weighs ``(1 - decay) * decay**(n-k)``.
 
