@@ -184,10 +184,12 @@ class Backend:
         """A new array of ``dtype`` from an accumulator: float to int/bool is rounded half to
         even and clipped to the dtype's range, as :func:`polyak.average` does."""
         if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
-            return self._round_clip(acc, dtype)
+            return self.round_clip(acc, dtype)
         return self.xp.astype(acc, dtype, copy=True)
 
-    def _round_clip(self, acc: Any, dtype: Any) -> Any:
+    def round_clip(self, acc: Any, dtype: Any) -> Any:
+        """A new ``dtype`` array of ``acc`` (a float average of int or bool leaves) rounded
+        half to even and saturated at the dtype's range (bool: nonzero)."""
         xp = self.xp
         rounded = xp.round(acc)  # the array API rounds half to even
         if dtype == xp.bool:
@@ -216,7 +218,7 @@ class Backend:
         for x, wi in zip(xs, w):
             if wi != 0:
                 acc = acc + float(wi) * self.xp.astype(x, wide)
-        return self._round_clip(acc, xs[-1].dtype)
+        return self.round_clip(acc, xs[-1].dtype)
 
 
 class NumpyBackend(Backend):
@@ -349,6 +351,52 @@ class TorchBackend(Backend):
     def from_numpy(self, a: np.ndarray, like: Any) -> Any:
         return self.torch.from_numpy(np.array(a, order="C", copy=True)).to(like.device)
 
+    def fold_many(
+        self, accs: list[Any], xs: list[Any], decay: float, workspace: dict[Any, Any]
+    ) -> list[Any]:
+        """:meth:`fold` over many tensors: one multi-tensor kernel per (device, dtypes) group.
+
+        CPU accumulators wider than their snapshots (a float32 average of bf16 weights) go
+        through :meth:`fold`'s chunked cast instead, which needs no full-size temporary.
+        """
+        groups: dict[tuple[Any, Any, Any], tuple[list[Any], list[Any]]] = {}
+        for acc, x in zip(accs, xs):
+            if x.dtype != acc.dtype and acc.device.type == "cpu":
+                self.fold(acc, x, decay, workspace)
+                continue
+            group = groups.setdefault((acc.device, acc.dtype, x.dtype), ([], []))
+            group[0].append(acc)
+            group[1].append(x)
+        for group_accs, group_xs in groups.values():
+            self.foreach_fold(group_accs, group_xs, decay)
+        return accs
+
+    def foreach_fold(self, accs: Sequence[Any], xs: Sequence[Any], decay: float) -> None:
+        """``acc <- decay * acc + (1 - decay) * x`` in place, for lists of tensors that share
+        one device, one accumulator dtype and one snapshot dtype: one multi-tensor kernel.
+
+        Same dtypes use ``_foreach_lerp_``, the kernel of torch's ``get_ema_multi_avg_fn``, so
+        results agree with it bit for bit; a wider accumulator uses ``_foreach_mul_`` and
+        ``_foreach_add_``, whose kernels promote as they read (no up-cast copy).
+        """
+        if not accs:
+            return
+        torch = self.torch
+        if decay == 0.0:
+            torch._foreach_copy_(list(accs), list(xs))
+        elif xs[0].dtype == accs[0].dtype:
+            torch._foreach_lerp_(list(accs), list(xs), 1.0 - decay)
+        else:
+            if xs[0].dtype.is_floating_point and xs[0].dtype.itemsize == 1:
+                xs = [x.to(accs[0].dtype) for x in xs]  # torch will not promote float8
+            torch._foreach_mul_(list(accs), decay)
+            torch._foreach_add_(list(accs), list(xs), alpha=1.0 - decay)
+
+    def foreach_copy(self, dst: Sequence[Any], src: Sequence[Any], *, non_blocking: bool = False) -> None:
+        """``dst[i] <- src[i]`` in place for every i, casting dtype and moving device as needed."""
+        if dst:
+            self.torch._foreach_copy_(list(dst), list(src), non_blocking=non_blocking)
+
     def fold(self, acc: Any, x: Any, decay: float, workspace: dict[Any, Any]) -> Any:
         weight = 1.0 - decay
         if decay == 0.0:
@@ -391,11 +439,7 @@ class TorchBackend(Backend):
 
     def cast(self, acc: Any, dtype: Any) -> Any:
         if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
-            rounded = self.torch.round(acc)  # half to even
-            if dtype == self.torch.bool:
-                return rounded != 0
-            info = self.torch.iinfo(dtype)
-            return rounded.clamp_(info.min, info.max).to(dtype)
+            return self.round_clip(acc, dtype)
         return acc.to(dtype=dtype, copy=True)
 
 

@@ -82,6 +82,29 @@ def test_equal_equals_the_swa_running_mean():
             np.testing.assert_allclose(value[name].double(), ref64[name], rtol=1e-5, atol=1e-6)
 
 
+def test_int_average_saturates_at_the_int64_range():
+    # float64 cannot hold 2**63 - 1: a clamp in float then a cast wraps to -2**63.
+    class Counter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+            self.register_buffer("n", torch.tensor([2**63 - 1, -(2**63)]))
+
+    model = Counter()
+    avg = pt.ModelAverager(model, "equal", int_policy="average")
+    online = polyak.Averager("equal", int_policy="average")
+    for _ in range(3):
+        avg.update()
+        online.update({"n": model.n})
+    expected = [2**63 - 1, -(2**63)]
+    assert avg.value["n"].tolist() == expected
+    assert online.value["n"].tolist() == expected
+    copy_ = Counter()
+    copy_.n.zero_()
+    avg.copy_to(copy_)
+    assert copy_.n.tolist() == expected
+
+
 def test_int_buffers_follow_int_policy():
     model = make_model()
     last = pt.ModelAverager(model, "linear")

@@ -3,7 +3,7 @@
 At construction the averager takes the model's tensors by name, gives each a role (see
 :mod:`polyak.torch._layout`), allocates the average's storage, and groups the averaged
 tensors by (device, dtype) into lists it keeps. An update is then a handful of foreach
-kernel launches (:mod:`polyak.torch._fold`), one or two per group, and no per-tensor
+kernel launches (the torch backend's foreach folds), one or two per group, and no per-tensor
 Python work. Like a ``torch.optim`` optimizer it keeps references to the model's tensors,
 so it sees the optimizer's in-place steps without walking the module tree again.
 """
@@ -19,10 +19,13 @@ from typing import Any
 
 import torch
 
+from polyak import _backend
 from polyak import schedules as _schedules
 from polyak._errors import DtypeError, EmptyInputError, NoOnlineFormError, PolyakError
 from polyak._kernel import check_int_policy
-from polyak.torch import _fold, _state
+from polyak.torch import _state
+
+_TORCH = _backend.get(torch.empty(0))  # the one torch backend: folds, copies, int rounding
 from polyak.torch._layout import (
     Entry,
     accumulator_dtype,
@@ -45,7 +48,6 @@ class _Group:
 
     names: list[str]
     accs: list[torch.Tensor]  # local shards of the average, taken once
-    same_dtype: bool
     sharded: bool
     staging: list[torch.Tensor] | None  # the model's tensors copied to the average's device
     sync: torch.device | None  # the CUDA device to wait for after a non-blocking copy out
@@ -207,20 +209,20 @@ class ModelAverager:
         for g, srcs in zip(self._groups, plan.groups):
             xs = locals_of(srcs) if g.sharded else srcs
             if t == 1:
-                _fold.copy_(g.accs, xs)
+                _TORCH.foreach_copy(g.accs, xs)
                 continue
             if g.staging is not None:
-                _fold.copy_(g.staging, xs, non_blocking=True)
+                _TORCH.foreach_copy(g.staging, xs, non_blocking=True)
                 if g.sync is not None:
                     torch.cuda.current_stream(g.sync).synchronize()
                 xs = g.staging
-            _fold.fold_(g.accs, xs, decay, same_dtype=g.same_dtype)
+            _TORCH.foreach_fold(g.accs, xs, decay)
         side = plan.side_locals()
         accs = self._side_accs
-        _fold.copy_(accs["last"], side["last"])
+        _TORCH.foreach_copy(accs["last"], side["last"])
         if t == 1:
-            _fold.copy_(accs["first"], side["first"])
-            _fold.copy_(accs["int_average"], side["int_average"])
+            _TORCH.foreach_copy(accs["first"], side["first"])
+            _TORCH.foreach_copy(accs["int_average"], side["int_average"])
         else:
             for a, x in zip(accs["int_average"], side["int_average"]):
                 a.mul_(decay).add_(x.to(a.device, torch.float64), alpha=1.0 - decay)
@@ -272,10 +274,7 @@ class ModelAverager:
         acc, dtype = self._acc[name], self._specs[name].dtype
         if self._entries[name].role != "int_average":
             return acc.to(dtype, copy=True)
-        if dtype == torch.bool:
-            return torch.round(acc) != 0
-        info = torch.iinfo(dtype)
-        return torch.round(acc).clamp_(info.min, info.max).to(dtype)
+        return _TORCH.round_clip(acc, dtype)
 
     def copy_to(self, model: torch.nn.Module | None = None) -> None:
         """Write the average into a model, in the model's own dtypes and devices.
@@ -291,11 +290,12 @@ class ModelAverager:
         plan = self._plan_for(model)
         with torch.no_grad():
             for g, srcs in zip(self._groups, plan.groups):
-                _fold.copy_(locals_of(srcs) if g.sharded else srcs, g.accs)
+                _TORCH.foreach_copy(locals_of(srcs) if g.sharded else srcs, g.accs)
             side = plan.side_locals()
             for role in ("last", "first"):
-                _fold.copy_(side[role], self._side_accs[role])
-            _fold.round_ints_(side["int_average"], self._side_accs["int_average"])
+                _TORCH.foreach_copy(side[role], self._side_accs[role])
+            for dst, acc in zip(side["int_average"], self._side_accs["int_average"]):
+                dst.copy_(_TORCH.round_clip(acc.to(dst.device), dst.dtype))
 
     @contextmanager
     def applied(self, model: torch.nn.Module | None = None) -> Iterator[torch.nn.Module]:
@@ -323,7 +323,7 @@ class ModelAverager:
             yield target
         finally:
             with torch.no_grad():
-                _fold.copy_(live, saved)
+                _TORCH.foreach_copy(live, saved)
 
     def averaged_model(self) -> torch.nn.Module:
         """A new module, a deep copy of the model, holding the average (for export or eval).
@@ -440,5 +440,5 @@ def _make_groups(
             ]
             sync = t_dev if pin else None
         accs = [local(acc[n]) for n in names]
-        groups.append(_Group(names, accs, a_dtype == t_dtype, sharded, staging, sync))
+        groups.append(_Group(names, accs, sharded, staging, sync))
     return groups
