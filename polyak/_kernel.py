@@ -26,7 +26,9 @@ __all__ = [
     "finalize",
     "combine_ints",
     "check_int_policy",
+    "int_policy_error",
     "dtype_kind",
+    "is_scale",
 ]
 
 # 64 Ki elements: an accumulator, a scratch buffer and one input chunk (256 KiB each in
@@ -64,6 +66,15 @@ _ML_INTS = frozenset(
 _ML_SCALES = frozenset(
     np.dtype(getattr(ml_dtypes, name)) for name in ("float8_e8m0fnu",) if hasattr(ml_dtypes, name)
 )
+
+
+def is_scale(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is a power-of-two scale type (``float8_e8m0fnu``): kind ``"int"``,
+    but an average is cast back from float64 as is, with no integer rounding or clipping."""
+    try:
+        return np.dtype(dtype) in _ML_SCALES
+    except TypeError:
+        return False
 
 
 def dtype_kind(dtype: np.dtype) -> str:
@@ -195,6 +206,14 @@ def check_int_policy(policy: str) -> str:
     return policy
 
 
+def int_policy_error(where: str, dtype: object) -> DtypeError:
+    """The error for an int/bool leaf under ``int_policy="error"``, naming ``where``."""
+    return DtypeError(
+        f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
+        "(use 'last', 'first' or 'average')"
+    )
+
+
 def combine_ints(
     arrays: Sequence[np.ndarray], weights: np.ndarray, policy: str, where: str
 ) -> np.ndarray:
@@ -212,15 +231,12 @@ def combine_ints(
         return np.array(arrays[0], copy=True)
     dtype = np.asarray(arrays[-1]).dtype
     if policy == "error":
-        raise DtypeError(
-            f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
-            "(use 'last', 'first' or 'average')"
-        )
+        raise int_policy_error(where, dtype)
     acc = np.zeros(np.shape(arrays[-1]), dtype=np.float64)
     for a, w in zip(arrays, weights):
         if w != 0:
             acc += w * np.asarray(a, dtype=np.float64)
-    if dtype in _ML_SCALES:
+    if is_scale(dtype):
         return acc.astype(dtype)
     np.rint(acc, out=acc)
     if dtype.kind == "b":
