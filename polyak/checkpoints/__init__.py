@@ -31,7 +31,7 @@ Example:
 
 from polyak.checkpoints._dcp import DCPCheckpoint
 from polyak.checkpoints._errors import CheckpointError as CheckpointError
-from polyak.checkpoints._errors import KeyChoiceError, UnsafeCheckpointError
+from polyak.checkpoints._errors import ConfigWarning, KeyChoiceError, UnsafeCheckpointError
 from polyak.checkpoints._hf import config_differences, find_weights, model_files
 from polyak.checkpoints._open import ShardedCheckpoint, detect, open_checkpoint
 from polyak.checkpoints._torchzip import TorchCheckpoint
@@ -47,4 +47,5 @@ __all__ = [
     "config_differences",
     "UnsafeCheckpointError",
     "KeyChoiceError",
+    "ConfigWarning",
 ]

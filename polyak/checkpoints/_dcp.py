@@ -98,7 +98,8 @@ class DCPCheckpoint:
             raise KeyChoiceError(
                 f"{self.path}: {'key ' + repr(key) if key else 'the checkpoint'} has {what}; "
                 f"prefixes holding only tensors: {hint}"
-                + (f"; pass --key {self.candidates[0]}" if self.candidates else "")
+                + (f"; pass --key {self.candidates[0]}" if self.candidates else ""),
+                self.candidates,
             )
         strip = len(key) + 1 if key is not None else 0
         self._fqn: dict[str, str] = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from polyak.safetensors import CheckpointError
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "KeyChoiceError"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "KeyChoiceError", "ConfigWarning"]
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -19,4 +19,17 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class KeyChoiceError(CheckpointError):
-    """The weights inside a nested checkpoint are ambiguous or missing: pass (another) ``key``."""
+    """The weights inside a nested checkpoint are ambiguous or missing: pass (another) ``key``.
+
+    Attributes:
+        candidates: the dotted keys that hold mappings of names to tensors (may be empty).
+    """
+
+    def __init__(self, message: str, candidates: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates or [])
+
+
+class ConfigWarning(UserWarning):
+    """The ``config.json`` files of the merged model folders differ beyond bookkeeping fields
+    (``transformers_version``, ``dtype``...): the inputs may not be the same model."""

@@ -68,7 +68,8 @@ def select(
                 where = ".".join(walked) or "the top level"
                 raise KeyChoiceError(
                     f"{path}: key {key!r} not found (no {part!r} in {where}); "
-                    + _hint(obj, is_tensor)
+                    + _hint(obj, is_tensor),
+                    candidate_keys(obj, is_tensor),
                 )
             node = node[part]
             walked.append(part)
@@ -76,7 +77,8 @@ def select(
     if not isinstance(node, Mapping):
         raise KeyChoiceError(
             f"{path}: {where} is a {type(node).__name__}, not a mapping of names to tensors; "
-            + _hint(obj, is_tensor)
+            + _hint(obj, is_tensor),
+            candidate_keys(obj, is_tensor),
         )
     bad = sorted(str(k) for k, v in node.items() if not (isinstance(k, str) and is_tensor(v)))
     if bad or not node:
@@ -84,6 +86,7 @@ def select(
         what = f"{len(bad)} entries that are not tensors: {shown}" if bad else "no tensors"
         raise KeyChoiceError(
             f"{path}: {where} holds {what}; polyak merges one mapping of tensors, "
-            + _hint(obj, is_tensor)
+            + _hint(obj, is_tensor),
+            candidate_keys(obj, is_tensor),
         )
     return dict(node)

@@ -37,6 +37,8 @@ def _detect_file(path: str) -> str:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= os.path.getsize(path) - 8 and head[8:9] == b"{":
             return "safetensors"
+    if path.endswith(".safetensors"):
+        return "safetensors"  # malformed: the safetensors reader says precisely how
     raise CheckpointError(
         f"{path}: not a checkpoint polyak can read (expected a safetensors file or a "
         "torch.save zip file; the content matches neither)"

@@ -17,6 +17,7 @@ from typing import Any
 from polyak import _stream
 from polyak._deprecation import renamed
 from polyak._types import IntPolicy, PathLike, ScheduleLike
+from polyak.safetensors._copy import WithFiles
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._order import OrderWarning
@@ -24,7 +25,7 @@ from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
 
-__all__ = ["merge", "merge_many", "plan_merge"]
+__all__ = ["merge", "merge_many", "plan_merge", "run_merge", "describe", "Progress"]
 
 Progress = bool | Callable[[int, int], None] | None
 
@@ -93,17 +94,22 @@ def plan_merge(
         job = MergeJob(
             stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
         )
-        return MergePlan(
-            inputs=tuple(job.inputs),
-            outputs=tuple(job.outputs),
-            tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
-            weights=tuple(tuple(float(x) for x in w) for w in job.weights),
-            bytes_to_read=job.bytes_to_read,
-            bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
-            buffer_bytes=job.buffer_bytes,
-            threads=options.threads,
-            warnings=tuple(job.warnings),
-        )
+        return describe(job)
+
+
+def describe(job: MergeJob) -> MergePlan:
+    """The :class:`MergePlan` of an opened job (what ``plan_merge`` returns)."""
+    return MergePlan(
+        inputs=tuple(job.inputs),
+        outputs=tuple(job.outputs),
+        tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
+        weights=tuple(tuple(float(x) for x in w) for w in job.weights),
+        bytes_to_read=job.bytes_to_read,
+        bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
+        buffer_bytes=job.buffer_bytes,
+        threads=job.options.threads,
+        warnings=tuple(job.warnings),
+    )
 
 
 @renamed(weight_vectors="weights")
@@ -182,10 +188,10 @@ def merge_many(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
-    return _run(inputs, outputs, weights, options, progress, schedules, metadata)
+    return run_merge(inputs, outputs, weights, options, progress, schedules, metadata)
 
 
-def _run(
+def run_merge(
     inputs: Sequence[PathLike],
     outputs: Sequence[PathLike],
     weights: Sequence[ScheduleLike],
@@ -193,16 +199,19 @@ def _run(
     progress: Progress,
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
+    **job_args: Any,
 ) -> list[MergeReport]:
-    """Open, check and run the job; one report per output (the body of merge and merge_many)."""
+    """Open, check and run the job; one report per output (the body of merge, merge_many and
+    :func:`polyak.merge`, which passes ``opener`` and ``extra_files`` to :class:`MergeJob`)."""
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         job = MergeJob(
-            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
-        )
+            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata,
+            **job_args,
+        )  # fmt: skip
         for text in job.warnings:
             warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
-        writers: list[CheckpointWriter] = []
+        writers: list[CheckpointWriter | WithFiles] = []
         try:
             for k in range(len(job.outputs)):
                 writers.append(job.writer(k))
@@ -234,8 +243,11 @@ def _run(
             weights=tuple(float(x) for x in w),
             schedule=repr(sched) if sched is not None else "explicit",
             threads=options.threads,
+            copied=tuple(job.copied(k)),
         )
-        for out, wr, w, sched in zip(job.outputs, writers, job.weights, job.schedules, strict=True)
+        for k, (out, wr, w, sched) in enumerate(
+            zip(job.outputs, writers, job.weights, job.schedules, strict=True)
+        )
     ]
 
 
@@ -328,5 +340,5 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy,
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
     )  # fmt: skip
-    (report,) = _run(inputs, [output], [schedule], options, progress)
+    (report,) = run_merge(inputs, [output], [schedule], options, progress)
     return report
