@@ -270,3 +270,11 @@ def test_import_polyak_loads_merge_lazily():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=os.getcwd()))  # fmt: skip
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import polyak._merge
+
+    assert doctest.testmod(polyak._merge, raise_on_error=False).failed == 0
