@@ -66,7 +66,9 @@ class FileSet:
     @property
     def label(self) -> str:
         shards = f", {self.shard_mib} MiB shards" if self.shard_mib else ""
-        return f"{self.mib} MiB {self.dtype}{shards}" + (", .pt and safetensors" if self.torch else "")
+        return f"{self.mib} MiB {self.dtype}{shards}" + (
+            ", .pt and safetensors" if self.torch else ""
+        )
 
 
 @dataclass

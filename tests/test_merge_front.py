@@ -112,9 +112,7 @@ def test_trainer_checkpoints_copy_model_files_not_training_state(tmp_path):
         "generation_config.json",
         "tokenizer_config.json",
     )
-    got = sorted(
-        os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs
-    )
+    got = sorted(os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs)
     assert got == sorted([*report.copied, "model.safetensors", "model.safetensors.index.json"])
     assert (out / "additional_chat_templates" / "tool.jinja").read_text() == "template 2"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 34
@@ -167,7 +165,12 @@ def _lightning_files(tmp_path, n=3):
         }
         p = tmp_path / f"epoch={i}-step={100 * i}.ckpt"
         torch.save(
-            {"state_dict": sd, "epoch": i, "optimizer_states": [{"lr": 0.1}], "ema": {"w": sd["net.weight"]}},
+            {
+                "state_dict": sd,
+                "epoch": i,
+                "optimizer_states": [{"lr": 0.1}],
+                "ema": {"w": sd["net.weight"]},
+            },
             p,
         )
         paths.append(str(p))
