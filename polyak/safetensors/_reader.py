@@ -239,11 +239,10 @@ def read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
         CheckpointError: the index is not a regular file.
         HeaderError: the index is too large, not JSON, or names an unusable shard.
     """
+    data = read_bounded(index_path, MAX_HEADER_BYTES, "shard index")
     try:
-        obj = json.loads(read_bounded(index_path, MAX_HEADER_BYTES, "shard index"))
+        obj = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        if isinstance(e, HeaderError):
-            raise
         raise HeaderError(f"{index_path}: not a valid JSON shard index ({e})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise HeaderError(f"{index_path}: shard index needs a 'weight_map' object")
