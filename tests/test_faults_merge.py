@@ -1,9 +1,8 @@
 """Merge-level faults of issue 13 whose fixes live in the merge, the CLI and SnapshotDir.
 
-These reproduce failures that are still open on this branch: their fixes touch
-``polyak/safetensors/_merge.py``, ``polyak/cli`` and ``polyak/_snapshots.py``, which the
-issue-10 redesign is rewriting at the same time. Each is marked ``xfail(strict=True)`` with
-its item number, so that the fix must remove the mark (a strict xfail that passes fails).
+Items 1, 5, 11, 21 and 22 are fixed. The others are reproduced here but still open: each is
+marked ``xfail(strict=True)`` with its item number, so that the fix must remove the mark (a
+strict xfail that passes fails the suite).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import polyak
 import polyak.safetensors as pst
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = "issue 13 item {}: the fix lives in files the issue-10 redesign is rewriting"
+BLOCKED = "issue 13 item {}: reproduced, not fixed yet (open in the issue's closing table)"
 
 
 def blocked(item: int):
@@ -47,7 +46,6 @@ def _inputs(folder, values, dtype=np.float32, elements=300_000) -> list[str]:
     return paths
 
 
-@blocked(1)
 @pytest.mark.parametrize("change", ["rewrite in place", "truncate and re-extend"])
 def test_an_input_changed_during_the_merge_fails_and_leaves_no_output(tmp_path, change):
     paths = _inputs(str(tmp_path), [1.0, 2.0])
@@ -74,7 +72,6 @@ def test_an_input_changed_during_the_merge_fails_and_leaves_no_output(tmp_path, 
     assert not os.path.exists(out)
 
 
-@blocked(5)
 def test_nested_outputs_are_refused_up_front(tmp_path):
     paths = _inputs(str(tmp_path), [1.0, 3.0], elements=10)
     d = str(tmp_path / "d")
@@ -161,7 +158,6 @@ def test_snapshotdir_one_step_one_file(tmp_path):
         snaps.average()
 
 
-@blocked(11)
 @pytest.mark.parametrize(
     "args",
     [
@@ -190,7 +186,6 @@ def test_mismatch_check_is_linear(tmp_path):
     assert proc.returncode == 1 and "do not match" in proc.stderr
 
 
-@blocked(21)
 def test_inspect_escapes_control_characters(tmp_path):
     p = str(tmp_path / "m.safetensors")
     pst.save({"evil\x1b[2J\x07name": np.zeros(2, np.float32)}, p)
@@ -199,7 +194,6 @@ def test_inspect_escapes_control_characters(tmp_path):
     assert "evil" in proc.stdout
 
 
-@blocked(22)
 def test_weights_cli_rough_edges(tmp_path):
     paths = _inputs(str(tmp_path), [1.0, 3.0], elements=10)
     out = str(tmp_path / "o.safetensors")
