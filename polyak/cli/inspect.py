@@ -50,7 +50,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``): names and
+    metadata come from the file, and raw control sequences would drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def _print_table(path: str, rows: list[Row], layout: Any) -> None:
+    path = printable(path)
+    rows = [(printable(r[0]), *r[1:]) for r in rows]
+    if layout is not None:
+        layout = [(printable(f), names) for f, names in layout]
     sharded = layout is not None
     kind = f"sharded checkpoint, {len(layout)} shards" if sharded else "safetensors file"
     print(f"{path}: {kind}")
@@ -58,7 +72,7 @@ def _print_table(path: str, rows: list[Row], layout: Any) -> None:
         sizes = {name: nbytes for name, _, _, nbytes, _ in rows}
         width = max(len(f) for f, _ in layout)
         for shard, names in layout:
-            total = format_bytes(sum(sizes[n] for n in names))
+            total = format_bytes(sum(sizes[printable(n)] for n in names))
             print(f"  {shard:<{width}}  {len(names):>6} tensors  {total:>10}")
     wn = max([len(r[0]) for r in rows] + [6])
     ws = max([len(str(list(r[2]))) for r in rows] + [5])
@@ -80,4 +94,5 @@ def _print_metadata(meta: dict[str, str]) -> None:
                 v = json.dumps(json.loads(v))
             except ValueError:
                 pass
+        k, v = printable(k), printable(v)
         print(f"    {k}: {v if len(v) <= 200 else v[:197] + '...'}")

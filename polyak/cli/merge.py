@@ -70,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true",
         help="validate the inputs and print the plan without writing anything",
     )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="write into an existing folder that holds no previous polyak output (files "
+        "with the output's names are replaced, all others kept)",
+    )  # fmt: skip
     add_progress_arguments(p)
 
 
@@ -100,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", st.OrderWarning)  # printed above already
         (report,) = st.merge_many(
-            args.inputs, [args.output], [sched], progress=wants_progress(args), **common
-        )
+            args.inputs, [args.output], [sched], progress=wants_progress(args),
+            force=args.force, **common,
+        )  # fmt: skip
     print(report)
     return 0
 

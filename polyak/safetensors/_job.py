@@ -57,6 +57,14 @@ def check_paths(
         )
     if len(set(map(os.path.abspath, outs))) != len(outs):
         raise OutputError(f"the same output path is given twice: {outs}")
+    # A folder output is replaced whole: another output inside it would be swapped away.
+    resolved = sorted((os.path.abspath(o), o) for o in outs)
+    for (a, a_text), (b, b_text) in zip(resolved, resolved[1:]):
+        if b.startswith(a.rstrip(os.sep) + os.sep):
+            raise OutputError(
+                f"output {b_text!r} is inside output {a_text!r}; outputs must be distinct "
+                "paths that do not contain one another"
+            )
     return ins, outs
 
 
@@ -223,8 +231,12 @@ class MergeJob:
         """Bytes output ``k`` will take on disk (headers, metadata and index included)."""
         return output_size(self.outputs[k], self.entries(), **self._writer_args(k))
 
-    def writer(self, k: int) -> CheckpointWriter:
+    def writer(self, k: int, *, force: bool = False) -> CheckpointWriter:
         """The writer of output ``k``, laid out and refusing to write over an input."""
         return CheckpointWriter(
-            self.outputs[k], self.entries(), protect=self.protect, **self._writer_args(k)
+            self.outputs[k],
+            self.entries(),
+            protect=self.protect,
+            force=force,
+            **self._writer_args(k),
         )
