@@ -115,6 +115,7 @@ def merge(
     key: str | None = None,
     copy_files: bool = True,
     accumulate_dtype: Any = None,
+    force: bool = False,
 ) -> MergeReport:
     """Average checkpoints of any kind on disk into one safetensors checkpoint.
 
@@ -148,6 +149,8 @@ def merge(
             (Lightning), ``"model"``, ``"state_dict_ema"``, dotted for deeper nesting.
         copy_files: copy the newest model folder's non-weight model files (see above).
         accumulate_dtype: raise the accumulation precision (``"float64"``).
+        force: write into an existing folder that holds no previous polyak output (files
+            with the output's names are replaced, all others kept).
 
     Returns:
         A :class:`polyak.safetensors.MergeReport`; ``copied`` lists the copied files.
@@ -185,7 +188,9 @@ def merge(
     )  # fmt: skip
     ins, out, job_args = _prepare(inputs, output, key, copy_files)
     metadata = job_args.pop("metadata")
-    (report,) = run_merge(ins, [out], [schedule], options, progress, None, metadata, **job_args)
+    (report,) = run_merge(
+        ins, [out], [schedule], options, progress, None, metadata, force=force, **job_args
+    )
     return report
 
 

@@ -117,6 +117,15 @@ def test_trainer_checkpoints_copy_model_files_not_training_state(tmp_path):
     assert (out / "additional_chat_templates" / "tool.jinja").read_text() == "template 2"
     assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 34
     _check_loaded(out, states, torch.float32)
+    # Merging again into the same folder replaces the previous output, copies included
+    # (they are recorded in its index), without force and without leftovers.
+    polyak.merge(folders[:2], out)
+    again = sorted(
+        os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out) for f in fs
+    )
+    assert again == got
+    assert (out / "additional_chat_templates" / "tool.jinja").read_text() == "template 1"
+    _check_loaded(out, states[:2], torch.float32)
     # --no-copy-files / copy_files=False: weights only; a file output never gets copies.
     bare = polyak.merge(folders, tmp_path / "bare", copy_files=False)
     assert bare.copied == () and "config.json" not in os.listdir(tmp_path / "bare")

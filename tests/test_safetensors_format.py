@@ -274,7 +274,7 @@ BAD_FILES = {
     "extra key": (_file({"a": {**_entry(), "x": 1}}, bytes(8)), "exactly the keys"),
     "metadata not strings": (_file({"__metadata__": {"a": 1}}), "__metadata__"),
     "deep nesting": (_file(b"{" + b'"a":[' * 50_000 + b"]" * 50_000 + b"}"), "JSON"),
-    "huge shape": (_file({"a": _entry(shape=(2**40, 2**40))}, bytes(8)), "needs"),
+    "huge shape": (_file({"a": _entry(shape=(2**40, 2**40))}, bytes(8)), "overflows"),
 }
 
 

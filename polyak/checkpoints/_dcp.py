@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from polyak.checkpoints._errors import CheckpointError, KeyChoiceError
+from polyak.checkpoints._identity import Fingerprints
 from polyak.checkpoints._unpickle import TORCH_DTYPES
 
 __all__ = ["DCPCheckpoint", "torch_to_numpy"]
@@ -112,6 +113,10 @@ class DCPCheckpoint:
                 raise CheckpointError(f"{self.path}: tensor {fqn!r}: unsupported dtype {tname}")
             self._fqn[fqn[strip:]] = fqn
             self._info[fqn[strip:]] = (dtype, tuple(m.size), m.properties.dtype)
+        self._fingerprints = Fingerprints(
+            [os.path.join(self.path, f) for f in sorted(os.listdir(self.path))
+             if os.path.isfile(os.path.join(self.path, f))]
+        )  # fmt: skip
         self._lock = threading.Lock()
         self._loaded: dict[str, tuple[threading.Event, list]] = {}
 
@@ -169,6 +174,10 @@ class DCPCheckpoint:
 
     def identities(self) -> set[tuple[int, int]]:
         return set()
+
+    def changed(self) -> str | None:
+        """Which file of the folder changed since it was opened, and how; or None."""
+        return self._fingerprints.changed()
 
     def read_tensor(self, name: str) -> np.ndarray:
         """A new array holding the whole tensor ``name``."""

@@ -120,6 +120,10 @@ class ShardedCheckpoint:
     def identities(self) -> set[tuple[int, int]]:
         return set().union(*(p.identities() for p in self.parts))
 
+    def changed(self) -> str | None:
+        """Which shard changed since it was opened, and how; or None."""
+        return next((c for c in (p.changed() for p in self.parts) if c is not None), None)
+
     def close(self) -> None:
         for p in self.parts:
             p.close()

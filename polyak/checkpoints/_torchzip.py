@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from polyak.checkpoints._errors import CheckpointError
+from polyak.checkpoints._identity import Fingerprints
 from polyak.checkpoints._nested import candidate_keys, select
 from polyak.checkpoints._unpickle import TORCH_DTYPES, TensorRef, load_pickle
 from polyak.safetensors._format import pread_into
@@ -85,6 +86,7 @@ class TorchCheckpoint:
             self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             st = os.fstat(self._fd)
             self.identity = (st.st_dev, st.st_ino)
+            self._fingerprints = Fingerprints([self.path])
             obj = self._open_zip()
             self.candidates = candidate_keys(obj, _is_tensor)
             tensors = select(obj, key, self.path, _is_tensor)
@@ -192,6 +194,11 @@ class TorchCheckpoint:
 
     def identities(self) -> set[tuple[int, int]]:
         return {self.identity}
+
+    def changed(self) -> str | None:
+        """How the file changed since it was opened, or None (checked before an output is
+        committed, so that an average never mixes two versions of an input)."""
+        return self._fingerprints.changed()
 
     def read_tensor(self, name: str) -> np.ndarray:
         """A new array holding the whole tensor ``name``."""

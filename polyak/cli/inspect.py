@@ -126,10 +126,11 @@ def _run_other(args: argparse.Namespace, kind: str) -> int:
         }
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{path}: {_KIND_NAMES[kind]}")
+    # Names, keys and paths come from the file: escaped, as in _print_table.
+    print(f"{printable(path)}: {_KIND_NAMES[kind]}")
     for line in where:
-        print(f"  {line}")
-    _print_rows(rows)
+        print(f"  {printable(line)}")
+    _print_rows([(printable(r[0]), *r[1:]) for r in rows])
     _print_metadata(meta)
     return 0
 
@@ -160,7 +161,10 @@ def _print_candidates(args: argparse.Namespace, kind: str, candidates: list[str]
         }
         print(json.dumps(out, indent=2))
         return 0
-    print(f"{args.checkpoint}: {_KIND_NAMES[kind]}, nested: the weights sit under a key")
+    print(
+        f"{printable(args.checkpoint)}: {_KIND_NAMES[kind]}, nested: the weights sit under a key"
+    )
+    found = [(printable(k), n, b) for k, n, b in found]
     width = max(len(k) for k, _, _ in found)
     for key, n, nbytes in found:
         print(f"  --key {key:<{width}}  {n:>6} tensors  {format_bytes(nbytes):>10}")
@@ -168,7 +172,21 @@ def _print_candidates(args: argparse.Namespace, kind: str, candidates: list[str]
     return 0
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\x1b``, ``\\n``): names and
+    metadata come from the file, and raw control sequences would drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def _print_table(path: str, rows: list[Row], layout: Any) -> None:
+    path = printable(path)
+    rows = [(printable(r[0]), *r[1:]) for r in rows]
+    if layout is not None:
+        layout = [(printable(f), names) for f, names in layout]
     sharded = layout is not None
     kind = f"sharded checkpoint, {len(layout)} shards" if sharded else "safetensors file"
     print(f"{path}: {kind}")
@@ -176,7 +194,7 @@ def _print_table(path: str, rows: list[Row], layout: Any) -> None:
         sizes = {name: nbytes for name, _, _, nbytes, _ in rows}
         width = max(len(f) for f, _ in layout)
         for shard, names in layout:
-            total = format_bytes(sum(sizes[n] for n in names))
+            total = format_bytes(sum(sizes[printable(n)] for n in names))
             print(f"  {shard:<{width}}  {len(names):>6} tensors  {total:>10}")
     _print_rows(rows)
 
@@ -205,4 +223,5 @@ def _print_metadata(meta: dict[str, str]) -> None:
                 v = json.dumps(json.loads(v))
             except ValueError:
                 pass
+        k, v = printable(k), printable(v)
         print(f"    {k}: {v if len(v) <= 200 else v[:197] + '...'}")

@@ -89,6 +89,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true",
         help="validate the inputs and print the plan without writing anything",
     )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="write into an existing folder that holds no previous polyak output (files "
+        "with the output's names are replaced, all others kept)",
+    )  # fmt: skip
     add_progress_arguments(p)
 
 
@@ -123,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
                 plan, copied = _merge.plan(args.inputs, args.output, sched, **common)
             else:
                 report = polyak.merge(
-                    args.inputs, args.output, sched, progress=wants_progress(args), **common
-                )
+                    args.inputs, args.output, sched, progress=wants_progress(args),
+                    force=args.force, **common,
+                )  # fmt: skip
         finally:
             for w in caught:
                 print(f"polyak: warning: {w.message}", file=sys.stderr)

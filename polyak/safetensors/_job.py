@@ -16,7 +16,6 @@ import numpy as np
 from polyak import _stream
 from polyak._errors import EmptyInputError, PolyakError, WeightsError
 from polyak._types import PathLike, ScheduleLike
-from polyak.safetensors._copy import WithFiles
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._order import natural_order_problem
@@ -58,6 +57,14 @@ def check_paths(
         )
     if len(set(map(os.path.abspath, outs))) != len(outs):
         raise OutputError(f"the same output path is given twice: {outs}")
+    # A folder output is replaced whole: another output inside it would be swapped away.
+    resolved = sorted((os.path.abspath(o), o) for o in outs)
+    for (a, a_text), (b, b_text) in zip(resolved, resolved[1:]):
+        if b.startswith(a.rstrip(os.sep) + os.sep):
+            raise OutputError(
+                f"output {b_text!r} is inside output {a_text!r}; outputs must be distinct "
+                "paths that do not contain one another"
+            )
     return ins, outs
 
 
@@ -242,16 +249,14 @@ class MergeJob:
             return []
         return [rel for _, rel in self.extra_files]
 
-    def writer(self, k: int) -> CheckpointWriter | WithFiles:
-        """The writer of output ``k``, laid out and refusing to write over an input; with
-        the extra files when it is a directory."""
-        wr = CheckpointWriter(
-            self.outputs[k], self.entries(), protect=self.protect, **self._writer_args(k)
+    def writer(self, k: int, *, force: bool = False) -> CheckpointWriter:
+        """The writer of output ``k``, laid out and refusing to write over an input; a
+        folder output receives the extra files in the same transaction."""
+        return CheckpointWriter(
+            self.outputs[k],
+            self.entries(),
+            protect=self.protect,
+            force=force,
+            extra_files=self.extra_files,
+            **self._writer_args(k),
         )
-        if not self.copied(k):
-            return wr
-        try:
-            return WithFiles(wr, self.extra_files, protect=self.protect)
-        except BaseException:
-            wr.abort()
-            raise

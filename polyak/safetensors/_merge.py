@@ -17,10 +17,11 @@ from typing import Any
 from polyak import _stream
 from polyak._deprecation import renamed
 from polyak._types import IntPolicy, PathLike, ScheduleLike
-from polyak.safetensors._copy import WithFiles
+from polyak.safetensors._errors import CheckpointError
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._order import OrderWarning
+from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
@@ -128,6 +129,7 @@ def merge_many(
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
+    force: bool = False,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
 
@@ -156,6 +158,7 @@ def merge_many(
             (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
             is added to every output either way.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
+        force: write into existing folders that hold no previous polyak output.
 
     Returns:
         One :class:`MergeReport` per output.
@@ -188,7 +191,19 @@ def merge_many(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
-    return run_merge(inputs, outputs, weights, options, progress, schedules, metadata)
+    return run_merge(inputs, outputs, weights, options, progress, schedules, metadata, force=force)
+
+
+def _check_unchanged(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse to commit when an input changed while it was read (device, inode, size and
+    mtime_ns recorded when it was opened): the average would mix two versions of it."""
+    for ck in checkpoints:
+        problem = ck.changed()  # every reader kind records its files when opened
+        if problem is not None:
+            raise CheckpointError(
+                f"input {problem} while the merge was reading it; no output was written "
+                "(merge again once the input is complete)"
+            )
 
 
 def run_merge(
@@ -199,6 +214,8 @@ def run_merge(
     progress: Progress,
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
+    *,
+    force: bool = False,
     **job_args: Any,
 ) -> list[MergeReport]:
     """Open, check and run the job; one report per output (the body of merge, merge_many and
@@ -211,10 +228,10 @@ def run_merge(
         )  # fmt: skip
         for text in job.warnings:
             warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
-        writers: list[CheckpointWriter | WithFiles] = []
+        writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
-                writers.append(job.writer(k))
+                writers.append(job.writer(k, force=force))
             with _progress(progress, job.bytes_to_read) as tick:
                 nread = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
@@ -225,6 +242,7 @@ def run_merge(
             # must not leave the first outputs behind.
             for wr in writers:
                 wr.sync()
+            _check_unchanged(job.checkpoints)
             for wr in writers:
                 wr.commit()
         except BaseException:
@@ -285,6 +303,7 @@ def merge(
     progress: Progress = None,
     max_shard_size: int | str | None = None,
     accumulate_dtype: Any = None,
+    force: bool = False,
 ) -> MergeReport:
     """Average safetensors checkpoints on disk into one, in bounded memory.
 
@@ -310,6 +329,8 @@ def merge(
         max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
             for a directory ``output`` only.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
+        force: write into an existing folder that holds no previous polyak output (files
+            with the output's names are replaced, all others kept; see the guarantees guide).
 
     Returns:
         A :class:`MergeReport`: tensors, bytes read and written, seconds, weights used.
@@ -320,7 +341,9 @@ def merge(
         StructureError: inputs differ in tensor names, shapes or dtypes (differences listed).
         ScheduleError, WeightsError: the schedule or its weights cannot be used.
         DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
-        OutputError: ``output`` is one of the inputs.
+        OutputError: ``output`` is one of the inputs, is being written by another merge, or
+            is a folder holding files polyak did not write (without ``force``).
+        CheckpointError: an input changed while it was read (nothing is written).
         OutputWriteError: the disk is full or a size limit is hit; nothing is left behind.
 
     Example:
@@ -340,5 +363,5 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy,
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
     )  # fmt: skip
-    (report,) = run_merge(inputs, [output], [schedule], options, progress)
+    (report,) = run_merge(inputs, [output], [schedule], options, progress, force=force)
     return report
