@@ -290,3 +290,17 @@ def test_docstring_examples_run():
     import polyak._merge
 
     assert doctest.testmod(polyak._merge, raise_on_error=False).failed == 0
+
+
+def test_torch_input_changed_during_the_merge_writes_nothing(tmp_path):
+    paths, _ = _lightning_files(tmp_path, n=2)
+    out = tmp_path / "avg.safetensors"
+
+    def touch_first(done, total):
+        # Another process rewrites an input while it is being read.
+        st = os.stat(paths[0])
+        os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+    with pytest.raises(pst.CheckpointError, match="was modified"):
+        polyak.merge(paths, out, key="state_dict", progress=touch_first, threads=1)
+    assert not out.exists()
