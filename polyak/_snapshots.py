@@ -48,7 +48,7 @@ class SnapshotDir:
         keep: Keep only the newest ``keep`` snapshots (by step), deleting older ones after
             each save; ``None`` keeps all. The snapshot just saved is never deleted, even
             when the folder holds ``keep`` snapshots of higher steps (a restarted run):
-            the oldest others go instead, and :meth:`save` warns about the lower step.
+            the oldest others go instead, and :meth:`save` warns.
 
     Each step has one file: a folder holding both ``snapshot-1.safetensors`` and
     ``snapshot-0000000001.safetensors`` is refused (by :meth:`paths`, :meth:`save`,
@@ -91,8 +91,9 @@ class SnapshotDir:
     def save(self, params: Any, step: int, *, metadata: Mapping[str, str] | None = None) -> Path:
         """Write ``params`` as the snapshot of ``step``, atomically, then prune to ``keep``.
 
-        Saving a step again replaces its file. Saving a step below the newest one already
-        in the folder warns (``UserWarning``): the folder is probably a finished run's.
+        Saving a step again replaces its file. With ``keep``, saving a step below the
+        ``keep`` newest already in the folder warns (``UserWarning``): the folder is
+        probably a finished run's. The new snapshot is kept all the same.
         Tensor names are those of
         :func:`polyak.safetensors.save` (nested keys joined by ``"."``), so a torch
         ``state_dict()`` keeps its keys.
@@ -130,11 +131,15 @@ class SnapshotDir:
             meta.update(metadata)
         meta[STEP_KEY] = str(step)
         before = self._entries()  # refuses a folder with two files for one step
-        if before and step < before[-1][0]:
+        higher = sum(1 for s, _ in before if s > step)
+        if self._keep is not None and higher >= self._keep:
+            # Out-of-order saves are fine; this one is among the pruned by keep's rule, as
+            # when a restarted run reuses a finished run's folder.
             warnings.warn(
-                f"SnapshotDir {str(self._path)!r}: saving step {step} below the newest kept "
-                f"step {before[-1][0]} (a restarted run reusing the folder?); the older run's "
-                "snapshots stay in the average until pruned",
+                f"SnapshotDir {str(self._path)!r}: saving step {step}, but the folder already "
+                f"holds {higher} snapshots of higher steps (newest {before[-1][0]}; a restarted "
+                "run reusing the folder?). It is kept; the oldest others are pruned, and the "
+                "average mixes both runs",
                 UserWarning,
                 stacklevel=2,
             )
