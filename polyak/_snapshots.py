@@ -137,8 +137,8 @@ class SnapshotDir:
             # when a restarted run reuses a finished run's folder.
             warnings.warn(
                 f"SnapshotDir {str(self._path)!r}: saving step {step} though the folder already "
-                f"holds {higher} snapshots of higher steps (newest {before[-1][0]}; a restarted "
-                "run reusing the folder?). It is kept; the oldest others are pruned, and the "
+                f"holds {higher} snapshots of higher steps, the newest {before[-1][0]} (a restarted "
+                "run reusing the folder?). It is kept, the oldest others are pruned, and the "
                 "average mixes both runs",
                 UserWarning,
                 stacklevel=2,
