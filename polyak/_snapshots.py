@@ -136,10 +136,10 @@ class SnapshotDir:
             # Out-of-order saves are fine; this one is among the pruned by keep's rule, as
             # when a restarted run reuses a finished run's folder.
             warnings.warn(
-                f"SnapshotDir {str(self._path)!r}: saving step {step} though the folder already "
-                f"holds {higher} snapshots of higher steps, the newest {before[-1][0]} (a restarted "
-                "run reusing the folder?). It is kept, the oldest others are pruned, and the "
-                "average mixes both runs",
+                f"SnapshotDir {str(self._path)!r}: saving step {step} though the folder "
+                f"already holds {higher} snapshots of higher steps, the newest "
+                f"{before[-1][0]} (a restarted run reusing the folder?). It is kept, the "
+                "oldest others are pruned, and the average mixes both runs",
                 UserWarning,
                 stacklevel=2,
             )

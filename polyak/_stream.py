@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from polyak._errors import DtypeError, EmptyInputError, StructureError, WeightsE
 from polyak._types import IntPolicy
 
 __all__ = [
+    "RunResult",
     "Reader",
     "Writer",
     "TensorPlan",
@@ -52,6 +53,14 @@ SPAN_BYTES = 8 << 20
 # L3 and a merge takes ~15% less CPU (measured, benchmarks/merge.py). Memory per thread stays
 # a few such buffers.
 CHUNK_ELEMENTS = 1 << 19
+
+
+class RunResult(NamedTuple):
+    """What :func:`run` did: input bytes read, NaN/Inf input elements met (float tensors
+    of the inputs read; a chunk with any is read twice, and both reads are counted)."""
+
+    bytes_read: int
+    nonfinite: int
 
 
 class Reader(Protocol):
@@ -324,6 +333,7 @@ class _Stream:
     int_policy: IntPolicy
     last_label: str
     local: threading.local
+    nonfinite: list[int]  # NaN/Inf input elements, one count per chunk that had any
 
     def buffers(self) -> _Buffers:
         bufs = getattr(self.local, "bufs", None)
@@ -334,24 +344,64 @@ class _Stream:
 
 def _float_span(st: _Stream, p: TensorPlan, start: int, stop: int) -> int:
     bufs = st.buffers()
-    route_, sub = st.routing, st.spec.elements
+    sub = st.spec.elements
+    nread = 0
+    # An overflow or NaN is found below and redone by _careful_chunk: no RuntimeWarning.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(start, stop, sub):
+            nread += _float_chunk(st, bufs, p, s, min(sub, stop - s))
+    return nread
+
+
+def _float_chunk(st: _Stream, bufs: _Buffers, p: TensorPlan, s: int, m: int) -> int:
+    """Read, fold and write elements ``[s, s + m)`` of one float tensor; the bytes read."""
+    route_ = st.routing
     acc_dtype = np.dtype(p.acc_dtype)
     nread = 0
-    for s in range(start, stop, sub):
-        m = min(sub, stop - s)
-        x = _view(bufs.x, p.dtype, m)
-        scratch = _view(bufs.scratch, acc_dtype, m)
-        # One sum per output over this chunk of the preallocated buffers: nothing allocated.
-        sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
-        for i in route_.used:
-            st.readers[i].read(p.name, s, x)
-            nread += x.nbytes
-            for k, wi in route_.feeds[i]:
-                sums[k].add(x, wi)
-        for k, total in enumerate(sums):
-            # float32/float64 tensors are rounded in place, others into the output slice.
-            out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
-            st.writers[k].write(p.name, s, total.result(out=out, divisor=route_.divisors[k]))
+    x = _view(bufs.x, p.dtype, m)
+    scratch = _view(bufs.scratch, acc_dtype, m)
+    # One sum per output over this chunk of the preallocated buffers: nothing allocated.
+    sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
+    for i in route_.used:
+        st.readers[i].read(p.name, s, x)
+        nread += x.nbytes
+        for k, wi in route_.feeds[i]:
+            sums[k].add(x, wi)
+    # One cheap reduction per output tells finite chunks (all of them, normally) from
+    # those with NaN/Inf: an input's, or an overflow of the integer-coefficient sum.
+    divisors = route_.divisors
+    if not all(np.isfinite(np.add.reduce(t.acc)) for t in sums):
+        nread += _careful_chunk(st, p, s, x, sums)
+        divisors = (1.0,) * len(sums)
+    for k, total in enumerate(sums):
+        # float32/float64 tensors are rounded in place, others into the output slice.
+        out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
+        st.writers[k].write(p.name, s, total.result(out=out, divisor=divisors[k]))
+    return nread
+
+
+def _careful_chunk(
+    st: _Stream, p: TensorPlan, s: int, x: np.ndarray, sums: list[WeightedSum]
+) -> int:
+    """Redo one chunk whose sum is not finite: count its NaN/Inf input elements, and
+    accumulate with the normalized weights ``c / divisor``.
+
+    Integer coefficients (``split_weights``) make ``x1 + x2`` overflow for finite inputs
+    near the dtype's maximum; with normalized nonnegative weights every partial sum stays
+    within the inputs' range, so a finite average of finite inputs stays finite. Only such
+    chunks pay for this second read. The sums then need no division. Returns the bytes read.
+    """
+    route_ = st.routing
+    nread = bad = 0
+    for k in range(len(sums)):
+        sums[k] = WeightedSum(sums[k].acc, sums[k].scratch)
+    for i in route_.used:
+        st.readers[i].read(p.name, s, x)
+        nread += x.nbytes
+        bad += x.size - int(np.count_nonzero(np.isfinite(x)))
+        for k, c in route_.feeds[i]:
+            sums[k].add(x, c / route_.divisors[k])
+    st.nonfinite.append(bad)  # list.append is atomic: worker threads share the list
     return nread
 
 
@@ -438,7 +488,7 @@ def run(
     span_bytes: int = SPAN_BYTES,
     progress: Callable[[int], None] | None = None,
     labels: Sequence[str] | None = None,
-) -> int:
+) -> RunResult:
     """Stream the weighted averages of ``readers`` into ``writers`` (one per weight vector).
 
     Args:
@@ -458,7 +508,8 @@ def run(
         labels: names of the inputs for messages.
 
     Returns:
-        The number of input bytes read.
+        A :class:`RunResult`: the input bytes read and the NaN/Inf elements met in the
+        float tensors read.
     """
     n = len(readers)
     ws = _check_weights(weight_vectors, n)
@@ -472,5 +523,7 @@ def run(
         int_policy=int_policy,
         last_label=labels[-1] if labels is not None else f"input {n - 1}",
         local=threading.local(),
+        nonfinite=[],
     )
-    return _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)
+    nread = _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)
+    return RunResult(nread, sum(st.nonfinite))

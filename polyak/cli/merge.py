@@ -109,6 +109,12 @@ def run(args: argparse.Namespace) -> int:
             force=args.force, **common,
         )  # fmt: skip
     print(report)
+    if report.nonfinite:
+        print(
+            f"polyak: warning: the inputs hold {report.nonfinite} NaN/Inf values; they are "
+            "propagated into the output, not repaired",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -225,7 +225,7 @@ def _run(
             for k in range(len(job.outputs)):
                 writers.append(job.writer(k, force=force))
             with _progress(progress, job.bytes_to_read) as tick:
-                nread = _stream.run(
+                nread, nonfinite = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
                     int_policy=options.int_policy, threads=options.threads,
                     chunk_elements=options.chunk_elements, progress=tick, labels=job.inputs,
@@ -253,6 +253,7 @@ def _run(
             weights=tuple(float(x) for x in w),
             schedule=repr(sched) if sched is not None else "explicit",
             threads=options.threads,
+            nonfinite=nonfinite,
         )
         for out, wr, w, sched in zip(job.outputs, writers, job.weights, job.schedules, strict=True)
     ]

@@ -24,6 +24,9 @@ class MergeReport:
         weights: the weights applied, oldest input first.
         schedule: a description of the schedule.
         threads: worker threads used.
+        nonfinite: NaN and infinite elements met in the float tensors of the inputs read
+            (propagated into the average, not repaired; 0 normally). Shared by all outputs
+            of one ``merge_many`` pass.
     """
 
     output: str
@@ -35,6 +38,7 @@ class MergeReport:
     weights: tuple[float, ...]
     schedule: str
     threads: int
+    nonfinite: int = 0
 
     @property
     def read_gb_per_s(self) -> float:
