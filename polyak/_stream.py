@@ -39,6 +39,8 @@ __all__ = [
     "bytes_to_read",
     "BufferSpec",
     "buffer_spec",
+    "choose_threads",
+    "PARALLEL_ITEM_BYTES",
     "SPAN_BYTES",
     "CHUNK_ELEMENTS",
 ]
@@ -57,10 +59,12 @@ CHUNK_ELEMENTS = 1 << 19
 
 class RunResult(NamedTuple):
     """What :func:`run` did: input bytes read, NaN/Inf input elements met (float tensors
-    of the inputs read; a chunk with any is read twice, and both reads are counted)."""
+    of the inputs read; a chunk with any is read twice, and both reads are counted), worker
+    threads used."""
 
     bytes_read: int
     nonfinite: int
+    threads: int
 
 
 class Reader(Protocol):
@@ -283,15 +287,16 @@ class BufferSpec:
     acc_item: int
     out_item: int
     n_outputs: int
+    has_ints: bool = True
 
     @property
     def nbytes(self) -> int:
-        """Bytes one thread holds (integer tensors: one slice per input read, combine_ints'
-        float64 sum and its result, within the same budget)."""
+        """Bytes one thread holds (integer tensors, when there are any: one slice per input
+        read, combine_ints' float64 sum and its result, within the same budget)."""
         floats = self.elements * (
             self.in_item + self.acc_item * (1 + self.n_outputs) + self.out_item
         )
-        ints = self.elements * (self.in_item + 8 + self.out_item) * 2
+        ints = self.elements * (self.in_item + 8 + self.out_item) * 2 if self.has_ints else 0
         return max(floats, ints)
 
 
@@ -303,6 +308,7 @@ def buffer_spec(plans: Sequence[TensorPlan], n_outputs: int, chunk_elements: int
         acc_item=max((p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=0),
         out_item=max((p.out_dtype.itemsize for p in plans), default=0),
         n_outputs=n_outputs,
+        has_ints=any(p.acc_dtype is None for p in plans),
     )
 
 
@@ -443,6 +449,47 @@ def _work_items(
     return items
 
 
+# Work items smaller than this (input bytes, all inputs read) are bound by Python's per-call
+# overhead under the GIL, not by numpy: threads only contend on them (100k tiny tensors took
+# 26-35 s with two threads against 10 s with one, issue 13 item 19).
+PARALLEL_ITEM_BYTES = 1 << 20
+
+
+def choose_threads(
+    plans: Sequence[TensorPlan],
+    routing: Routing,
+    requested: int,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    span_bytes: int = SPAN_BYTES,
+) -> int:
+    """The worker threads a run uses: at most ``requested``, chosen from the work.
+
+    One thread when most input bytes sit in work items under :data:`PARALLEL_ITEM_BYTES`
+    (checkpoints of many tiny tensors); otherwise one per large work item, up to
+    ``requested``. :func:`run` and the dry run's memory estimate both call it.
+
+    Example:
+        >>> import numpy as np
+        >>> tiny = [TensorPlan(f"t{i}", np.dtype("f4"), (16,), np.dtype("f4"), np.dtype("f4"))
+        ...         for i in range(1000)]
+        >>> choose_threads(tiny, route([np.array([0.5, 0.5])], "last"), 8)
+        1
+    """
+    sub = buffer_spec(plans, 1, chunk_elements).elements
+    total = big = items = 0
+    for _, p, start, stop in _work_items(plans, sub, span_bytes):
+        reads = len(routing.used) if p.acc_dtype is not None else len(routing.int_read)
+        nbytes = (stop - start) * p.dtype.itemsize * reads
+        total += nbytes
+        if nbytes >= PARALLEL_ITEM_BYTES:
+            big += nbytes
+            items += 1
+    if big * 2 < total or items == 0:
+        return 1
+    return max(1, min(requested, items))
+
+
 # -- executor ----------------------------------------------------------------------------------
 def _execute(
     st: _Stream,
@@ -500,7 +547,8 @@ def run(
             looks at (:func:`polyak._accumulate.inputs_to_read`).
         plans: from :func:`plan`.
         int_policy: as in :func:`polyak.average`.
-        threads: worker threads (1 runs in the calling thread).
+        threads: at most this many worker threads (:func:`choose_threads` picks from the
+            work; 1 runs in the calling thread).
         chunk_elements: elements per inner chunk (cache-sized).
         span_bytes: input bytes per work item.
         progress: called with the number of input bytes read after each work item, from the
@@ -508,8 +556,8 @@ def run(
         labels: names of the inputs for messages.
 
     Returns:
-        A :class:`RunResult`: the input bytes read and the NaN/Inf elements met in the
-        float tensors read.
+        A :class:`RunResult`: the input bytes read, the NaN/Inf elements met in the float
+        tensors read and the threads used.
     """
     n = len(readers)
     ws = _check_weights(weight_vectors, n)
@@ -525,5 +573,8 @@ def run(
         local=threading.local(),
         nonfinite=[],
     )
+    threads = choose_threads(
+        plans, st.routing, threads, chunk_elements=chunk_elements, span_bytes=span_bytes
+    )
     nread = _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)
-    return RunResult(nread, sum(st.nonfinite))
+    return RunResult(nread, sum(st.nonfinite), threads)

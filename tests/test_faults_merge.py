@@ -208,3 +208,133 @@ def test_weights_cli_rough_edges(tmp_path):
     assert pst.load(out)["w"][0] == 5.0
     proc = _cli("merge", *paths, "-o", out, "--weights", "1,,2")
     assert proc.returncode == 2 and "empty" in proc.stderr
+
+
+def _plans(count: int, elements: int, dtype=np.float32):
+    from polyak import _stream
+
+    dt = np.dtype(dtype)
+    return [
+        _stream.TensorPlan(f"t{i}", dt, (elements,), dt, np.dtype(np.float32))
+        for i in range(count)
+    ]
+
+
+def test_threads_are_chosen_from_the_work():
+    """Item 19: many tiny tensors get one thread (threads only contend on the GIL there);
+    large tensors get one thread per work item, up to the number asked for."""
+    from polyak import _stream
+
+    two = _stream.route([np.array([0.5, 0.5])], "last")
+    assert _stream.choose_threads(_plans(100_000, 4), two, 8) == 1
+    assert _stream.choose_threads(_plans(3, 4 << 20), two, 8) == 6  # 2 spans of 8 MiB each
+    assert _stream.choose_threads(_plans(3, 4 << 20), two, 4) == 4
+    assert _stream.choose_threads(_plans(3, 4 << 20), two, 1) == 1
+    # a few large tensors beside many tiny ones: the large ones dominate the bytes
+    mixed = _plans(10_000, 4) + _plans(2, 1 << 20)
+    assert _stream.choose_threads(mixed, two, 8) == 2
+
+
+def test_tiny_tensor_checkpoints_are_merged_with_one_thread(tmp_path):
+    from safetensors.numpy import save_file
+
+    paths = []
+    for i in range(2):
+        p = str(tmp_path / f"in_{i}.safetensors")
+        save_file({f"t{k}": np.full(3, float(i), np.float32) for k in range(5000)}, p)
+        paths.append(p)
+    out = str(tmp_path / "out.safetensors")
+    assert pst.plan_merge(paths, [out], [None], threads=8).threads == 1
+    report = pst.merge(paths, out, threads=8)
+    assert report.threads == 1
+    np.testing.assert_array_equal(pst.load(out)["t4999"], np.full(3, 0.5, np.float32))
+
+
+def test_dry_run_buffer_estimate_is_what_the_run_allocates(tmp_path, monkeypatch):
+    """Item 20: plan_merge's buffer_bytes equals the bytes the executor's per-thread buffers
+    take, measured by recording every buffer set the run creates."""
+    from polyak import _stream
+
+    made: list[int] = []
+    real = _stream._Buffers
+
+    class Recorded(real):
+        def __init__(self, spec):
+            super().__init__(spec)
+            made.append(sum(a.nbytes for a in (self.x, self.out, self.scratch, *self.accs)))
+
+    monkeypatch.setattr(_stream, "_Buffers", Recorded)
+    paths = []
+    for i in range(3):
+        p = str(tmp_path / f"in_{i}.safetensors")
+        pst.save(
+            {
+                "a": np.full(1 << 20, float(i), ml_dtypes.bfloat16),
+                "b": np.full(1 << 20, float(i), np.float32),
+            },
+            p,
+        )
+        paths.append(p)
+    outs = [str(tmp_path / "o1.safetensors"), str(tmp_path / "o2.safetensors")]
+    for threads in (1, 8):
+        made.clear()
+        plan = pst.plan_merge(paths, [outs[0]], [None], dtype="float16", threads=threads)
+        pst.merge(paths, outs[0], dtype="float16", threads=threads)
+        assert plan.threads == min(threads, 2)  # two work items: one per tensor
+        assert len(made) <= plan.threads and set(made) == {plan.buffer_bytes // plan.threads}
+        if threads == 1:
+            assert made == [plan.buffer_bytes]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: polyak.schedules.power(6.94).decay(10**400),
+        lambda: polyak.schedules.polynomial(1.0).decay(10**400),
+        lambda: polyak.schedules.ema_warmup().decay(10**5000),
+        lambda: polyak.schedules.equal().weights(10**400),
+        lambda: polyak.schedules.power(10**400),
+        lambda: polyak.schedules.power(float("inf")),
+        lambda: polyak.schedules.explicit([10**400, 1]),
+        lambda: polyak.schedules.sigma_rel_to_gamma(10**400),
+        lambda: polyak.posthoc.profile(10**400, 6.94, [1.0]),
+        lambda: polyak.posthoc.profile(10.0, 6.94, [10**400]),
+        lambda: polyak.posthoc.solve([(10**400, 6.94), (10.0, 16.97)], 0.1),
+        lambda: polyak.posthoc.snapshot_metadata(10**400, 6.94),
+    ],
+)
+def test_huge_t_and_parameters_are_one_line_errors(call):
+    """Item 11: t=10**400 and friends raised OverflowError from float()."""
+    with pytest.raises(polyak.PolyakError) as info:
+        call()
+    assert len(str(info.value)) < 300 and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("polyak.schedule", '{"name": "power", "params": {"gamma": 1e400}}'),
+        ("polyak.schedule", '{"name": "ema", "params": [0.9]}'),
+        ("polyak.schedule", "[]"),
+        ("polyak.count", str(10**400)),
+        ("polyak.count", "1e5"),
+        ("polyak.dtypes", '{"w": 1}'),
+        ("polyak.int_policy", "sometimes"),
+    ],
+)
+def test_averager_load_of_malformed_metadata_is_a_one_line_error(tmp_path, key, value):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    av = polyak.Averager(polyak.schedules.power(6.94))
+    av.update({"w": np.ones(3, np.float32)})
+    good = str(tmp_path / "good.safetensors")
+    av.save(good)
+    with safe_open(good, "np") as f:
+        meta = {**f.metadata(), key: value}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    bad = str(tmp_path / "bad.safetensors")
+    save_file(tensors, bad, meta)
+    with pytest.raises(polyak.PolyakError, match="bad.safetensors: malformed") as info:
+        polyak.Averager.load(bad)
+    assert "\n" not in str(info.value)

@@ -103,7 +103,7 @@ def plan_merge(
             bytes_to_read=job.bytes_to_read,
             bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
             buffer_bytes=job.buffer_bytes,
-            threads=options.threads,
+            threads=job.threads,
             warnings=tuple(job.warnings),
         )
 
@@ -225,7 +225,7 @@ def _run(
             for k in range(len(job.outputs)):
                 writers.append(job.writer(k, force=force))
             with _progress(progress, job.bytes_to_read) as tick:
-                nread, nonfinite = _stream.run(
+                nread, nonfinite, threads = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
                     int_policy=options.int_policy, threads=options.threads,
                     chunk_elements=options.chunk_elements, progress=tick, labels=job.inputs,
@@ -252,7 +252,7 @@ def _run(
             seconds=seconds,
             weights=tuple(float(x) for x in w),
             schedule=repr(sched) if sched is not None else "explicit",
-            threads=options.threads,
+            threads=threads,
             nonfinite=nonfinite,
         )
         for out, wr, w, sched in zip(job.outputs, writers, job.weights, job.schedules, strict=True)

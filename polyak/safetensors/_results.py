@@ -23,7 +23,7 @@ class MergeReport:
         seconds: wall time of the whole pass, fsync included.
         weights: the weights applied, oldest input first.
         schedule: a description of the schedule.
-        threads: worker threads used.
+        threads: worker threads used (see :attr:`MergePlan.threads`).
         nonfinite: NaN and infinite elements met in the float tensors of the inputs read
             (propagated into the average, not repaired; 0 normally). Shared by all outputs
             of one ``merge_many`` pass.
@@ -66,8 +66,9 @@ class MergePlan:
         weights: one weight vector per output.
         bytes_to_read: input bytes the merge reads (inputs with weight 0 everywhere are skipped).
         bytes_to_write: bytes written per output (headers, metadata and index included).
-        buffer_bytes: buffer memory of all threads together.
-        threads: worker threads.
+        buffer_bytes: buffer memory of all threads together, from the sizing the run uses.
+        threads: worker threads the run will use (chosen from the work: one for checkpoints
+            of many tiny tensors; at most the ``threads`` asked for).
         warnings: e.g. the natural-order warning.
     """
 
