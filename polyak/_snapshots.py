@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from polyak._accumulate import inputs_to_read
-from polyak._average import average, weights
+from polyak._average import average_named, weights
 from polyak._errors import EmptyInputError, PolyakError
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 
@@ -280,7 +280,10 @@ class SnapshotDir:
         # views, so that tail(k) over a long run loads k files, not all of them.
         read = set(inputs_to_read([weights(schedule, len(paths))], int_policy).any)
         trees = [st.load(p) if i in read else _header_only(p) for i, p in enumerate(paths)]
-        return average(trees, schedule, int_policy=int_policy, accumulate_dtype=accumulate_dtype)
+        return average_named(
+            trees, [repr(str(p)) for p in paths], schedule,
+            int_policy=int_policy, accumulate_dtype=accumulate_dtype,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"

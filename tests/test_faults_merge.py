@@ -338,3 +338,13 @@ def test_averager_load_of_malformed_metadata_is_a_one_line_error(tmp_path, key, 
     with pytest.raises(polyak.PolyakError, match="bad.safetensors: malformed") as info:
         polyak.Averager.load(bad)
     assert "\n" not in str(info.value)
+
+
+def test_snapshotdir_mismatch_messages_name_the_file(tmp_path):
+    """Item 22: where the file is known, messages name it, not ``snapshots[1]``."""
+    snaps = polyak.SnapshotDir(tmp_path)
+    snaps.save({"w": np.ones(2), "b": np.ones(1)}, step=1)
+    snaps.save({"w": np.ones(2)}, step=2)
+    with pytest.raises(polyak.PolyakError, match=r"snapshot-0000000002\.safetensors") as info:
+        snaps.average()
+    assert "snapshots[" not in str(info.value)
