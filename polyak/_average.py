@@ -272,8 +272,17 @@ def _weighted_sum_numpy(arrays: list[np.ndarray], lw: _LeafWeights, out_dtype: A
     for start in range(0, size, step):
         stop = min(start + step, size)
         acc = out_flat[start:stop] if in_place else acc_buf[: stop - start]
-        total = WeightedSum(acc, scratch[: stop - start])
-        for flat, (_, wi) in zip(flats, active):
-            total.add(flat[start:stop], wi)
-        total.result(out=acc if in_place else out_flat[start:stop], divisor=lw.divisor)
+        divisor = lw.divisor
+        # As the streaming merge does (polyak._stream): a chunk whose integer-coefficient
+        # sum is not finite (finite inputs near the dtype's maximum overflow x1 + x2) is
+        # redone with the normalized weights, whose partial sums stay within the inputs.
+        for attempt in (0, 1):
+            total = WeightedSum(acc, scratch[: stop - start])
+            with np.errstate(over="ignore", invalid="ignore"):
+                for flat, (_, c) in zip(flats, active):
+                    total.add(flat[start:stop], c if attempt == 0 else c / lw.divisor)
+                if attempt == 1 or np.isfinite(np.add.reduce(total.acc)):
+                    break
+            divisor = 1.0
+        total.result(out=acc if in_place else out_flat[start:stop], divisor=divisor)
     return out

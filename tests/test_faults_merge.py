@@ -348,3 +348,20 @@ def test_snapshotdir_mismatch_messages_name_the_file(tmp_path):
     with pytest.raises(polyak.PolyakError, match=r"snapshot-0000000002\.safetensors") as info:
         snaps.average()
     assert "snapshots[" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_in_memory_average_near_the_maximum_stays_finite_and_equals_the_merge(tmp_path, dtype):
+    big = float(ml_dtypes.finfo(dtype).max) * 0.99
+    x = np.linspace(-big, big, 1001).astype(dtype)
+    snaps = [{"w": x}, {"w": x[::-1].copy()}, {"w": x}]
+    got = polyak.average(snaps, "linear")["w"]
+    assert np.all(np.isfinite(got.astype(np.float64)))
+    ref = x.astype(np.float64) * (1 / 6 + 3 / 6) + x[::-1].astype(np.float64) * 2 / 6
+    np.testing.assert_allclose(got.astype(np.float64), ref, rtol=1e-2, atol=big * 1e-6)
+    paths = []
+    for i, snap in enumerate(snaps):
+        paths.append(str(tmp_path / f"in_{i}.safetensors"))
+        pst.save(snap, paths[-1])
+    pst.merge(paths, str(tmp_path / "out.safetensors"), "linear")
+    assert pst.load(str(tmp_path / "out.safetensors"))["w"].tobytes() == got.tobytes()
