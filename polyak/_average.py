@@ -281,7 +281,7 @@ def _weighted_sum_numpy(arrays: list[np.ndarray], lw: _LeafWeights, out_dtype: A
             with np.errstate(over="ignore", invalid="ignore"):
                 for flat, (_, c) in zip(flats, active):
                     total.add(flat[start:stop], c if attempt == 0 else c / lw.divisor)
-                if attempt == 1 or np.isfinite(np.add.reduce(total.acc)):
+                if attempt == 1 or _kernel.all_finite(total.acc):
                     break
             divisor = 1.0
         total.result(out=acc if in_place else out_flat[start:stop], divisor=divisor)

@@ -29,6 +29,7 @@ __all__ = [
     "int_policy_error",
     "dtype_kind",
     "SATURATING",
+    "all_finite",
 ]
 
 # 64 Ki elements: an accumulator, a scratch buffer and one input chunk (256 KiB each in
@@ -199,6 +200,17 @@ def finalize(acc: np.ndarray, out: np.ndarray, divisor: float = 1.0) -> None:
             top = float(ml_dtypes.finfo(out.dtype).max)
             np.clip(acc, -top, top, out=acc)
         np.copyto(out, acc, casting="unsafe")
+
+
+def all_finite(acc: np.ndarray) -> bool:
+    """Whether every element of a float or complex accumulator is finite, without
+    allocating: a max and a min reduction (NaN propagates through both), about half the
+    cost of one add over the chunk."""
+    if acc.size == 0:
+        return True
+    if acc.dtype.kind == "c":
+        return all_finite(acc.real) and all_finite(acc.imag)
+    return bool(np.isfinite(np.maximum.reduce(acc)) and np.isfinite(np.minimum.reduce(acc)))
 
 
 def check_int_policy(policy: str) -> str:

@@ -373,10 +373,10 @@ def _float_chunk(st: _Stream, bufs: _Buffers, p: TensorPlan, s: int, m: int) -> 
         nread += x.nbytes
         for k, wi in route_.feeds[i]:
             sums[k].add(x, wi)
-    # One cheap reduction per output tells finite chunks (all of them, normally) from
+    # Two cheap reductions per output tell finite chunks (all of them, normally) from
     # those with NaN/Inf: an input's, or an overflow of the integer-coefficient sum.
     divisors = route_.divisors
-    if not all(np.isfinite(np.add.reduce(t.acc)) for t in sums):
+    if not all(_kernel.all_finite(t.acc) for t in sums):
         nread += _careful_chunk(st, p, s, x, sums)
         divisors = (1.0,) * len(sums)
     for k, total in enumerate(sums):
