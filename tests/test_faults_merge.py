@@ -1,8 +1,6 @@
-"""Merge-level faults of issue 13 whose fixes live in the merge, the CLI and SnapshotDir.
-
-Items 1, 5, 11, 21 and 22 are fixed. The others are reproduced here but still open: each is
-marked ``xfail(strict=True)`` with its item number, so that the fix must remove the mark (a
-strict xfail that passes fails the suite).
+"""Merge-level faults of issue 13 whose fixes live in the merge, the kernel, the CLI,
+the schedules and SnapshotDir: items 1, 5, 6, 7, 11, 17, 19, 20, 21 and 22. Each test
+reproduced its failure before the fix (most were strict xfails until then).
 """
 
 from __future__ import annotations
@@ -19,11 +17,6 @@ import polyak
 import polyak.safetensors as pst
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = "issue 13 item {}: reproduced, not fixed yet (open in the issue's closing table)"
-
-
-def blocked(item: int):
-    return pytest.mark.xfail(strict=True, reason=BLOCKED.format(item))
 
 
 def _env() -> dict[str, str]:
