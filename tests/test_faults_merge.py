@@ -314,7 +314,9 @@ def test_huge_t_and_parameters_are_one_line_errors(call):
         ("polyak.dtypes", '{"w": 1}'),
         ("polyak.int_policy", "sometimes"),
     ],
-)
+    ids=["gamma-1e400", "params-list", "schedule-list", "count-10**400", "count-float",
+         "dtypes-int", "int-policy"],
+)  # fmt: skip
 def test_averager_load_of_malformed_metadata_is_a_one_line_error(tmp_path, key, value):
     from safetensors import safe_open
     from safetensors.numpy import save_file
