@@ -15,8 +15,9 @@ __all__ = [
     "WeightsError",
     "ScheduleError",
     "NoOnlineFormError",
-    "show_value",
 ]
+# show_value (below) is a message helper, not an error: kept out of __all__, which
+# polyak re-exports.
 
 
 def show_value(value: object) -> str:
