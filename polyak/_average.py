@@ -14,7 +14,7 @@ from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError
 from polyak._types import IntPolicy, ScheduleLike
 from polyak.schedules import resolve
 
-__all__ = ["average", "weights", "ScheduleLike"]
+__all__ = ["average", "average_named", "weights", "ScheduleLike"]
 
 Tree = TypeVar("Tree")
 _ROOT = "snapshots"
@@ -99,7 +99,30 @@ def average(
         >>> polyak.average(snaps, "linear")["w"].round(3)
         array([1.333, 3.333])
     """
+    return average_named(
+        snapshots, None, schedule,
+        normalize=normalize, int_policy=int_policy, accumulate_dtype=accumulate_dtype,
+    )  # fmt: skip
+
+
+def average_named(
+    snapshots: Sequence[Tree],
+    names: Sequence[str] | None,
+    schedule: ScheduleLike = None,
+    *,
+    normalize: bool = True,
+    int_policy: IntPolicy = "last",
+    accumulate_dtype: np.dtype | str | None = None,
+) -> Tree:
+    """:func:`average`, with error messages calling snapshot ``i`` ``names[i]`` (its file,
+    when the snapshots were loaded from files) instead of ``snapshots[i]``."""
     snaps = _as_list(snapshots)
+    if names is not None and len(names) != len(snaps):
+        raise PolyakError(f"{len(names)} names for {len(snaps)} snapshots")
+
+    def root(i: int) -> str:
+        return names[i] if names is not None else f"{_ROOT}[{i}]"
+
     _kernel.check_int_policy(int_policy)
     w = weights(schedule, len(snaps), normalize=normalize)
     # Checked once, up front: a leaf library that never reaches the float path (or a tree
@@ -110,11 +133,11 @@ def average(
     columns: list[list[Any]] = [[leaf] for leaf in ref_leaves]
     for i, snap in enumerate(snaps[1:], start=1):
         leaves, acc, spec = _tree.flatten(snap)
-        _tree.check_same_structure(spec, acc, ref_spec, ref_acc, f"{_ROOT}[{i}]", f"{_ROOT}[0]")
+        _tree.check_same_structure(spec, acc, ref_spec, ref_acc, root(i), root(0))
         for column, leaf in zip(columns, leaves):
             column.append(leaf)
 
-    leaf_weights = _LeafWeights(w, int_policy, accumulate_dtype)
+    leaf_weights = _LeafWeights(w, int_policy, accumulate_dtype, root)
     out = [
         _average_leaf(column, leaf_weights, accessor) for column, accessor in zip(columns, ref_acc)
     ]
@@ -125,8 +148,11 @@ class _LeafWeights:
     """What every leaf's average needs from the call: the weights, split as the kernel
     sums them, which inputs are read, and the options."""
 
-    def __init__(self, w: np.ndarray, int_policy: str, accumulate_dtype: Any) -> None:
+    def __init__(
+        self, w: np.ndarray, int_policy: str, accumulate_dtype: Any, root: Callable[[int], str]
+    ) -> None:
         self.w = w
+        self.root = root  # what messages call snapshot i
         self.coefficients, self.divisor = _kernel.split_weights(w)
         self.plan: ReadPlan = inputs_to_read([w], int_policy)
         self.int_policy = int_policy
@@ -147,11 +173,11 @@ def _as_list(snapshots: Any) -> list[Any]:
 
 def _average_leaf(column: list[Any], lw: _LeafWeights, accessor: Any) -> Any:
     def at(i: int) -> str:
-        return _tree.where(accessor, f"{_ROOT}[{i}]")
+        return _tree.where(accessor, lw.root(i))
 
     be = _backend.get(column[-1])
-    xs = _same_library(be, column, at)
-    kind = _check_leaves(be, xs, at)
+    xs = _same_library(be, column, at, lw.root)
+    kind = _check_leaves(be, xs, at, lw.root)
     last = len(xs) - 1
     if kind == "int":
         if lw.int_policy == "error":
@@ -180,7 +206,12 @@ def _average_leaf(column: list[Any], lw: _LeafWeights, accessor: Any) -> Any:
     return result
 
 
-def _same_library(be: _backend.Backend, column: list[Any], at: Callable[[int], str]) -> list[Any]:
+def _same_library(
+    be: _backend.Backend,
+    column: list[Any],
+    at: Callable[[int], str],
+    root: Callable[[int], str],
+) -> list[Any]:
     """The column's leaves as arrays of ``be``'s library (the newest leaf's)."""
     numpy = isinstance(be, _backend.NumpyBackend)
     xs = []
@@ -192,7 +223,7 @@ def _same_library(be: _backend.Backend, column: list[Any], at: Callable[[int], s
                     "leaf must come from the same array library"
                 )
             raise DtypeError(
-                f"{at(i)}: a {type(leaf).__name__} where {_ROOT}[{len(column) - 1}] has a "
+                f"{at(i)}: a {type(leaf).__name__} where {root(len(column) - 1)} has a "
                 f"{type(column[-1]).__name__}; every snapshot's leaf must come from the same "
                 "array library"
             )
@@ -203,19 +234,21 @@ def _same_library(be: _backend.Backend, column: list[Any], at: Callable[[int], s
     return xs
 
 
-def _check_leaves(be: _backend.Backend, xs: list[Any], at: Callable[[int], str]) -> str:
+def _check_leaves(
+    be: _backend.Backend, xs: list[Any], at: Callable[[int], str], root: Callable[[int], str]
+) -> str:
     """Check shapes and dtype kinds against ``snapshots[0]``; return the kind."""
     kind = be.kind(xs[0].dtype)
     shape0 = tuple(xs[0].shape)
     for i, x in enumerate(xs):
         if tuple(x.shape) != shape0:
-            raise ShapeError(f"{at(i)}: shape {tuple(x.shape)} != {shape0} in {_ROOT}[0]")
+            raise ShapeError(f"{at(i)}: shape {tuple(x.shape)} != {shape0} in {root(0)}")
         k = be.kind(x.dtype)
         if k == "other":
             raise DtypeError(f"{at(i)}: dtype {x.dtype} cannot be averaged")
         if k != kind:
             raise DtypeError(
-                f"{at(i)}: dtype {x.dtype} ({k}) != {xs[0].dtype} ({kind}) in {_ROOT}[0]"
+                f"{at(i)}: dtype {x.dtype} ({k}) != {xs[0].dtype} ({kind}) in {root(0)}"
             )
     return kind
 
@@ -239,8 +272,17 @@ def _weighted_sum_numpy(arrays: list[np.ndarray], lw: _LeafWeights, out_dtype: A
     for start in range(0, size, step):
         stop = min(start + step, size)
         acc = out_flat[start:stop] if in_place else acc_buf[: stop - start]
-        total = WeightedSum(acc, scratch[: stop - start])
-        for flat, (_, wi) in zip(flats, active):
-            total.add(flat[start:stop], wi)
-        total.result(out=acc if in_place else out_flat[start:stop], divisor=lw.divisor)
+        divisor = lw.divisor
+        # As the streaming merge does (polyak._stream): a chunk whose integer-coefficient
+        # sum is not finite (finite inputs near the dtype's maximum overflow x1 + x2) is
+        # redone with the normalized weights, whose partial sums stay within the inputs.
+        for attempt in (0, 1):
+            total = WeightedSum(acc, scratch[: stop - start])
+            with np.errstate(over="ignore", invalid="ignore"):
+                for flat, (_, c) in zip(flats, active):
+                    total.add(flat[start:stop], c if attempt == 0 else c / lw.divisor)
+                if attempt == 1 or _kernel.all_finite(total.acc):
+                    break
+            divisor = 1.0
+        total.result(out=acc if in_place else out_flat[start:stop], divisor=divisor)
     return out

@@ -16,6 +16,17 @@ __all__ = [
     "ScheduleError",
     "NoOnlineFormError",
 ]
+# show_value (below) is a message helper, not an error: kept out of __all__, which
+# polyak re-exports.
+
+
+def show_value(value: object) -> str:
+    """``repr(value)`` for a message, but short for a huge int (10**400 has 401 digits, and
+    the repr of one over 4300 digits raises)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        bits = value.bit_length()
+        return f"an integer of {bits} bits (about 10**{int(bits * 0.30103)})"
+    return repr(value)
 
 
 class PolyakError(ValueError):

@@ -29,6 +29,8 @@ __all__ = [
     "int_policy_error",
     "dtype_kind",
     "is_scale",
+    "SATURATING",
+    "all_finite",
 ]
 
 # 64 Ki elements: an accumulator, a scratch buffer and one input chunk (256 KiB each in
@@ -188,15 +190,43 @@ def accumulate(
         np.add(acc, scratch, out=acc)
 
 
+def _no_infinity(dtype: np.dtype) -> bool:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return bool(np.isnan(np.array(np.inf, np.float32).astype(dtype)))
+
+
+# Small floats with no infinity (float8_e4m3fn, the fnuz formats): ml_dtypes turns a value
+# past the largest into NaN; torch's float8_e4m3fn cast saturates to +-448. Saturate, as
+# torch does, so that a large weight is clipped rather than destroyed.
+SATURATING = frozenset(dt for dt in _ML_FLOATS if dt.itemsize == 1 and _no_infinity(dt))
+
+
 def finalize(acc: np.ndarray, out: np.ndarray, divisor: float = 1.0) -> None:
     """Divide by ``divisor`` (see :func:`split_weights`), then round once into ``out``.
 
-    ``out`` may be ``acc`` itself (float32 and float64 leaves accumulate in place).
+    ``out`` may be ``acc`` itself (float32 and float64 leaves accumulate in place). Into a
+    float8 type with no infinity (:data:`SATURATING`, e.g. float8_e4m3fn), values past its
+    largest finite value, infinities included, saturate to it (NaN stays NaN), as torch's
+    cast does.
     """
     if divisor != 1.0:
         np.divide(acc, acc.dtype.type(divisor), out=acc)
     if out is not acc:
+        if out.dtype in SATURATING:
+            top = float(ml_dtypes.finfo(out.dtype).max)
+            np.clip(acc, -top, top, out=acc)
         np.copyto(out, acc, casting="unsafe")
+
+
+def all_finite(acc: np.ndarray) -> bool:
+    """Whether every element of a float or complex accumulator is finite, without
+    allocating: a max and a min reduction (NaN propagates through both), about half the
+    cost of one add over the chunk."""
+    if acc.size == 0:
+        return True
+    if acc.dtype.kind == "c":
+        return all_finite(acc.real) and all_finite(acc.imag)
+    return bool(np.isfinite(np.maximum.reduce(acc)) and np.isfinite(np.minimum.reduce(acc)))
 
 
 def check_int_policy(policy: str) -> str:
@@ -220,7 +250,9 @@ def combine_ints(
     """Combine integer or bool leaves (step counters, masks) by ``policy``.
 
     ``"last"`` and ``"first"`` copy the newest or oldest; ``"average"`` takes the weighted
-    mean in float64, rounds half to even and clips to the dtype's range; ``"error"`` refuses.
+    mean in float64, rounds half to even and clips to the dtype's range (64-bit ints average
+    their distances from the newest input, so equal inputs give themselves exactly, even
+    INT64_MAX); ``"error"`` refuses.
 
     Raises:
         DtypeError: with ``policy="error"``, naming ``where``.
@@ -232,6 +264,8 @@ def combine_ints(
     dtype = np.asarray(arrays[-1]).dtype
     if policy == "error":
         raise int_policy_error(where, dtype)
+    if dtype.kind in "iu" and dtype.itemsize == 8:
+        return _average_int64(arrays, weights, dtype)
     acc = np.zeros(np.shape(arrays[-1]), dtype=np.float64)
     for a, w in zip(arrays, weights):
         if w != 0:
@@ -243,3 +277,45 @@ def combine_ints(
         return acc != 0
     info = np.iinfo(dtype)
     return np.clip(acc, info.min, info.max).astype(dtype)
+
+
+def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a - b`` of two int64 or uint64 arrays as float64, with no int overflow: the
+    magnitude ``max - min`` is exact in uint64 arithmetic modulo 2**64, whatever the signs."""
+    ua, ub = a.astype(np.uint64), b.astype(np.uint64)  # two's complement for int64
+    up = a >= b
+    mag = np.where(up, ua - ub, ub - ua)
+    return np.where(up, mag.astype(np.float64), -mag.astype(np.float64))
+
+
+def _average_int64(arrays: Sequence[np.ndarray], weights: np.ndarray, dtype: np.dtype):
+    """The weighted mean of 64-bit ints, exact where float64 cannot hold the values.
+
+    float64 holds ints only up to 2**53: the mean of INT64_MAX with itself rounded to 2**63
+    and wrapped to INT64_MIN. Average the distances from the newest input instead (small
+    when the inputs agree, exactly 0 when they are equal), round, and add back in uint64
+    arithmetic, saturating at the dtype's range.
+    """
+    ref = np.asarray(arrays[-1], dtype)
+    bracket = np.zeros(ref.shape, np.float64)
+    total = 0.0
+    for a, w in zip(arrays, weights):
+        if w != 0:
+            bracket += w * _distance(np.asarray(a, dtype), ref)
+            total += float(w)
+    if total != 1.0:  # sum(w * a) = ref * sum(w) + sum(w * (a - ref))
+        bracket += (total - 1.0) * ref.astype(np.float64)
+    np.rint(bracket, out=bracket)
+    info = np.iinfo(dtype)
+    uref = ref.astype(np.uint64)
+    # Room to the dtype's top and bottom, exact as uint64 distances.
+    room_up = np.uint64(int(info.max) % 2**64) - uref
+    room_down = uref - np.uint64(int(info.min) % 2**64)
+    limit = float(2**64 - 2048)  # the largest float64 below 2**64
+    step = np.minimum(np.abs(bracket), limit).astype(np.uint64)
+    big = np.abs(bracket) > limit
+    up = bracket >= 0
+    out = np.where(up, uref + step, uref - step)  # wraps only where it saturates below
+    out = np.where(up & (big | (step > room_up)), np.uint64(int(info.max) % 2**64), out)
+    out = np.where(~up & (big | (step > room_down)), np.uint64(int(info.min) % 2**64), out)
+    return out.astype(dtype)

@@ -154,8 +154,12 @@ def load(path: PathLike, like: Any = None) -> Loaded:
         count = int(meta["polyak.count"])
         int_policy = check_int_policy(meta["polyak.int_policy"])
         schedule = _schedules.from_spec(spec["name"], spec["params"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, OverflowError) as err:
         raise PolyakError(f"{shown}: malformed Averager metadata: {err!r}") from None
+    if not 0 <= count < 2**63:  # an int64 step counter; decay(t) needs t as a float
+        raise PolyakError(
+            f"{shown}: malformed Averager metadata: polyak.count={meta['polyak.count']!r:.60}"
+        )
     if not isinstance(dtypes, dict) or not all(isinstance(v, str) for v in dtypes.values()):
         raise PolyakError(
             f"{shown}: malformed Averager metadata: polyak.dtypes must map tensor names to "

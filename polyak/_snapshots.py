@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from polyak._accumulate import inputs_to_read
-from polyak._average import average, weights
+from polyak._average import average_named, weights
 from polyak._errors import EmptyInputError, PolyakError
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 
@@ -45,7 +46,13 @@ class SnapshotDir:
     Args:
         path: The directory; created on the first :meth:`save`.
         keep: Keep only the newest ``keep`` snapshots (by step), deleting older ones after
-            each save; ``None`` keeps all.
+            each save; ``None`` keeps all. The snapshot just saved is never deleted, even
+            when the folder holds ``keep`` snapshots of higher steps (a restarted run):
+            the oldest others go instead, and :meth:`save` warns.
+
+    Each step has one file: a folder holding both ``snapshot-1.safetensors`` and
+    ``snapshot-0000000001.safetensors`` is refused (by :meth:`paths`, :meth:`save`,
+    :meth:`average`...) rather than averaging step 1 twice.
 
     Raises:
         PolyakError: ``keep`` is not a positive int or ``None``, or ``path`` is a file.
@@ -84,7 +91,10 @@ class SnapshotDir:
     def save(self, params: Any, step: int, *, metadata: Mapping[str, str] | None = None) -> Path:
         """Write ``params`` as the snapshot of ``step``, atomically, then prune to ``keep``.
 
-        Saving a step again replaces its file. Tensor names are those of
+        Saving a step again replaces its file. With ``keep``, saving a step below the
+        ``keep`` newest already in the folder warns (``UserWarning``): the folder is
+        probably a finished run's. The new snapshot is kept all the same.
+        Tensor names are those of
         :func:`polyak.safetensors.save` (nested keys joined by ``"."``), so a torch
         ``state_dict()`` keeps its keys.
 
@@ -98,8 +108,9 @@ class SnapshotDir:
             The path of the snapshot file.
 
         Raises:
-            PolyakError: ``step`` is not an int >= 0, or ``metadata`` is not a map of
-                strings to strings or uses the reserved key.
+            PolyakError: ``step`` is not an int >= 0, ``metadata`` is not a map of
+                strings to strings or uses the reserved key, or the folder holds two files
+                for one step.
             OutputWriteError: the file system refused the write; nothing is left behind.
         """
         from polyak import safetensors as st
@@ -119,11 +130,27 @@ class SnapshotDir:
                 raise PolyakError(f"metadata key {STEP_KEY!r} is reserved for the step")
             meta.update(metadata)
         meta[STEP_KEY] = str(step)
+        before = self._entries()  # refuses a folder with two files for one step
+        higher = sum(1 for s, _ in before if s > step)
+        if self._keep is not None and higher >= self._keep:
+            # Out-of-order saves are fine; this one is among the pruned by keep's rule, as
+            # when a restarted run reuses a finished run's folder.
+            warnings.warn(
+                f"SnapshotDir {str(self._path)!r}: saving step {step} though the folder "
+                f"already holds {higher} snapshots of higher steps, the newest "
+                f"{before[-1][0]} (a restarted run reusing the folder?). It is kept, the "
+                "oldest others are pruned, and the average mixes both runs",
+                UserWarning,
+                stacklevel=2,
+            )
         self._path.mkdir(parents=True, exist_ok=True)
         target = self._path / f"{_PREFIX}{step:0{_DIGITS}d}{_SUFFIX}"
         st.save(params, target, meta)
         if self._keep is not None:
-            for old in self.paths()[: -self._keep]:
+            # Never prune the file just written, even when it has the lowest step: save()
+            # must return a path that exists (issue 13 item 7). The others go oldest first.
+            others = [path for s, path in before if s != step]
+            for old in others[: max(0, len(others) - (self._keep - 1))]:
                 old.unlink(missing_ok=True)
         return target
 
@@ -136,6 +163,14 @@ class SnapshotDir:
             if match and entry.is_file():
                 entries.append((int(match.group(1)), Path(entry.path)))
         entries.sort()
+        for (s1, p1), (s2, p2) in zip(entries, entries[1:]):
+            if s1 == s2:
+                # snapshot-1 and snapshot-0000000001 are one step: averaging both would
+                # count it twice, and neither can be told to be the right one.
+                raise PolyakError(
+                    f"SnapshotDir {str(self._path)!r} holds two files for step {s1}: "
+                    f"{p1.name!r} and {p2.name!r}; remove one (one step, one file)"
+                )
         return entries
 
     def paths(self) -> list[Path]:
@@ -245,7 +280,10 @@ class SnapshotDir:
         # views, so that tail(k) over a long run loads k files, not all of them.
         read = set(inputs_to_read([weights(schedule, len(paths))], int_policy).any)
         trees = [st.load(p) if i in read else _header_only(p) for i, p in enumerate(paths)]
-        return average(trees, schedule, int_policy=int_policy, accumulate_dtype=accumulate_dtype)
+        return average_named(
+            trees, [repr(str(p)) for p in paths], schedule,
+            int_policy=int_policy, accumulate_dtype=accumulate_dtype,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"

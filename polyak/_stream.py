@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from polyak._errors import DtypeError, EmptyInputError, StructureError, WeightsE
 from polyak._types import IntPolicy
 
 __all__ = [
+    "RunResult",
     "Reader",
     "Writer",
     "TensorPlan",
@@ -38,6 +39,8 @@ __all__ = [
     "bytes_to_read",
     "BufferSpec",
     "buffer_spec",
+    "choose_threads",
+    "PARALLEL_ITEM_BYTES",
     "SPAN_BYTES",
     "CHUNK_ELEMENTS",
 ]
@@ -52,6 +55,16 @@ SPAN_BYTES = 8 << 20
 # L3 and a merge takes ~15% less CPU (measured, benchmarks/merge.py). Memory per thread stays
 # a few such buffers.
 CHUNK_ELEMENTS = 1 << 19
+
+
+class RunResult(NamedTuple):
+    """What :func:`run` did: input bytes read, NaN/Inf input elements met (float tensors
+    of the inputs read; a chunk with any is read twice, and both reads are counted), worker
+    threads used."""
+
+    bytes_read: int
+    nonfinite: int
+    threads: int
 
 
 class Reader(Protocol):
@@ -138,14 +151,18 @@ def _check_structure(
 ) -> None:
     """Raise StructureError listing how each input differs from the first, if any does."""
     problems: list[str] = []
+    name_set = set(names)
     for label, reader in zip(labels[1:], readers[1:], strict=True):
-        keys = list(reader.keys())
-        missing = sorted(set(names) - set(keys))
-        extra = sorted(set(keys) - set(names))
+        # Sets, not lists: a membership test per name must be O(1) (100k mismatched names
+        # took 104 s with list lookups, issue 13 item 17).
+        keys = set(reader.keys())
+        missing_set = name_set - keys
+        missing = sorted(missing_set)
+        extra = sorted(keys - name_set)
         shapes: list[str] = []
         dtypes: list[str] = []
         for name in names:
-            if name in missing:
+            if name in missing_set:
                 continue
             got_dtype, shape = reader.info(name)
             rdtype, rshape = ref_info[name]
@@ -271,15 +288,16 @@ class BufferSpec:
     acc_item: int
     out_item: int
     n_outputs: int
+    has_ints: bool = True
 
     @property
     def nbytes(self) -> int:
-        """Bytes one thread holds (integer tensors: one slice per input read, combine_ints'
-        float64 sum and its result, within the same budget)."""
+        """Bytes one thread holds (integer tensors, when there are any: one slice per input
+        read, combine_ints' float64 sum and its result, within the same budget)."""
         floats = self.elements * (
             self.in_item + self.acc_item * (1 + self.n_outputs) + self.out_item
         )
-        ints = self.elements * (self.in_item + 8 + self.out_item) * 2
+        ints = self.elements * (self.in_item + 8 + self.out_item) * 2 if self.has_ints else 0
         return max(floats, ints)
 
 
@@ -292,6 +310,7 @@ def buffer_spec(plans: Sequence[TensorPlan], n_outputs: int, chunk_elements: int
         acc_item=max((p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=0),
         out_item=max((p.out_dtype.itemsize for p in plans), default=0),
         n_outputs=n_outputs,
+        has_ints=any(p.acc_dtype is None for p in plans),
     )
 
 
@@ -322,6 +341,7 @@ class _Stream:
     int_policy: IntPolicy
     last_label: str
     local: threading.local
+    nonfinite: list[int]  # NaN/Inf input elements, one count per chunk that had any
 
     def buffers(self) -> _Buffers:
         bufs = getattr(self.local, "bufs", None)
@@ -332,24 +352,64 @@ class _Stream:
 
 def _float_span(st: _Stream, p: TensorPlan, start: int, stop: int) -> int:
     bufs = st.buffers()
-    route_, sub = st.routing, st.spec.elements
+    sub = st.spec.elements
+    nread = 0
+    # An overflow or NaN is found below and redone by _careful_chunk: no RuntimeWarning.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for s in range(start, stop, sub):
+            nread += _float_chunk(st, bufs, p, s, min(sub, stop - s))
+    return nread
+
+
+def _float_chunk(st: _Stream, bufs: _Buffers, p: TensorPlan, s: int, m: int) -> int:
+    """Read, fold and write elements ``[s, s + m)`` of one float tensor; the bytes read."""
+    route_ = st.routing
     acc_dtype = np.dtype(p.acc_dtype)
     nread = 0
-    for s in range(start, stop, sub):
-        m = min(sub, stop - s)
-        x = _view(bufs.x, p.dtype, m)
-        scratch = _view(bufs.scratch, acc_dtype, m)
-        # One sum per output over this chunk of the preallocated buffers: nothing allocated.
-        sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
-        for i in route_.used:
-            st.readers[i].read(p.name, s, x)
-            nread += x.nbytes
-            for k, wi in route_.feeds[i]:
-                sums[k].add(x, wi)
-        for k, total in enumerate(sums):
-            # float32/float64 tensors are rounded in place, others into the output slice.
-            out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
-            st.writers[k].write(p.name, s, total.result(out=out, divisor=route_.divisors[k]))
+    x = _view(bufs.x, p.dtype, m)
+    scratch = _view(bufs.scratch, acc_dtype, m)
+    # One sum per output over this chunk of the preallocated buffers: nothing allocated.
+    sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
+    for i in route_.used:
+        st.readers[i].read(p.name, s, x)
+        nread += x.nbytes
+        for k, wi in route_.feeds[i]:
+            sums[k].add(x, wi)
+    # Two cheap reductions per output tell finite chunks (all of them, normally) from
+    # those with NaN/Inf: an input's, or an overflow of the integer-coefficient sum.
+    divisors = route_.divisors
+    if not all(_kernel.all_finite(t.acc) for t in sums):
+        nread += _careful_chunk(st, p, s, x, sums)
+        divisors = (1.0,) * len(sums)
+    for k, total in enumerate(sums):
+        # float32/float64 tensors are rounded in place, others into the output slice.
+        out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
+        st.writers[k].write(p.name, s, total.result(out=out, divisor=divisors[k]))
+    return nread
+
+
+def _careful_chunk(
+    st: _Stream, p: TensorPlan, s: int, x: np.ndarray, sums: list[WeightedSum]
+) -> int:
+    """Redo one chunk whose sum is not finite: count its NaN/Inf input elements, and
+    accumulate with the normalized weights ``c / divisor``.
+
+    Integer coefficients (``split_weights``) make ``x1 + x2`` overflow for finite inputs
+    near the dtype's maximum; with normalized nonnegative weights every partial sum stays
+    within the inputs' range, so a finite average of finite inputs stays finite. Only such
+    chunks pay for this second read. The sums then need no division. Returns the bytes read.
+    """
+    route_ = st.routing
+    nread = bad = 0
+    for k in range(len(sums)):
+        sums[k] = WeightedSum(sums[k].acc, sums[k].scratch)
+    for i in route_.used:
+        st.readers[i].read(p.name, s, x)
+        nread += x.nbytes
+        bad += x.size - int(np.count_nonzero(np.isfinite(x)))
+        for k, c in route_.feeds[i]:
+            sums[k].add(x, c / route_.divisors[k])
+    st.nonfinite.append(bad)  # list.append is atomic: worker threads share the list
     return nread
 
 
@@ -389,6 +449,47 @@ def _work_items(
         for start in range(0, p.size, span):
             items.append((fn, p, start, min(p.size, start + span)))
     return items
+
+
+# Work items smaller than this (input bytes, all inputs read) are bound by Python's per-call
+# overhead under the GIL, not by numpy: threads only contend on them (100k tiny tensors took
+# 26-35 s with two threads against 10 s with one, issue 13 item 19).
+PARALLEL_ITEM_BYTES = 1 << 20
+
+
+def choose_threads(
+    plans: Sequence[TensorPlan],
+    routing: Routing,
+    requested: int,
+    *,
+    chunk_elements: int = CHUNK_ELEMENTS,
+    span_bytes: int = SPAN_BYTES,
+) -> int:
+    """The worker threads a run uses: at most ``requested``, chosen from the work.
+
+    One thread when most input bytes sit in work items under :data:`PARALLEL_ITEM_BYTES`
+    (checkpoints of many tiny tensors); otherwise one per large work item, up to
+    ``requested``. :func:`run` and the dry run's memory estimate both call it.
+
+    Example:
+        >>> import numpy as np
+        >>> tiny = [TensorPlan(f"t{i}", np.dtype("f4"), (16,), np.dtype("f4"), np.dtype("f4"))
+        ...         for i in range(1000)]
+        >>> choose_threads(tiny, route([np.array([0.5, 0.5])], "last"), 8)
+        1
+    """
+    sub = buffer_spec(plans, 1, chunk_elements).elements
+    total = big = items = 0
+    for _, p, start, stop in _work_items(plans, sub, span_bytes):
+        reads = len(routing.used) if p.acc_dtype is not None else len(routing.int_read)
+        nbytes = (stop - start) * p.dtype.itemsize * reads
+        total += nbytes
+        if nbytes >= PARALLEL_ITEM_BYTES:
+            big += nbytes
+            items += 1
+    if big * 2 < total or items == 0:
+        return 1
+    return max(1, min(requested, items))
 
 
 # -- executor ----------------------------------------------------------------------------------
@@ -436,7 +537,7 @@ def run(
     span_bytes: int = SPAN_BYTES,
     progress: Callable[[int], None] | None = None,
     labels: Sequence[str] | None = None,
-) -> int:
+) -> RunResult:
     """Stream the weighted averages of ``readers`` into ``writers`` (one per weight vector).
 
     Args:
@@ -448,7 +549,8 @@ def run(
             looks at (:func:`polyak._accumulate.inputs_to_read`).
         plans: from :func:`plan`.
         int_policy: as in :func:`polyak.average`.
-        threads: worker threads (1 runs in the calling thread).
+        threads: at most this many worker threads (:func:`choose_threads` picks from the
+            work; 1 runs in the calling thread).
         chunk_elements: elements per inner chunk (cache-sized).
         span_bytes: input bytes per work item.
         progress: called with the number of input bytes read after each work item, from the
@@ -456,7 +558,8 @@ def run(
         labels: names of the inputs for messages.
 
     Returns:
-        The number of input bytes read.
+        A :class:`RunResult`: the input bytes read, the NaN/Inf elements met in the float
+        tensors read and the threads used.
     """
     n = len(readers)
     ws = _check_weights(weight_vectors, n)
@@ -470,5 +573,10 @@ def run(
         int_policy=int_policy,
         last_label=labels[-1] if labels is not None else f"input {n - 1}",
         local=threading.local(),
+        nonfinite=[],
     )
-    return _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)
+    threads = choose_threads(
+        plans, st.routing, threads, chunk_elements=chunk_elements, span_bytes=span_bytes
+    )
+    nread = _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)
+    return RunResult(nread, sum(st.nonfinite), threads)

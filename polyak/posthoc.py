@@ -51,7 +51,13 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from polyak._deprecation import renamed
-from polyak._errors import EmptyInputError, PolyakError, ScheduleError, WeightsError
+from polyak._errors import (
+    EmptyInputError,
+    PolyakError,
+    ScheduleError,
+    WeightsError,
+    show_value,
+)
 from polyak.schedules import power, sigma_rel_to_gamma
 
 __all__ = [
@@ -89,7 +95,10 @@ def profile(t: float, gamma: float, tau: ArrayLike) -> np.ndarray:
         0.1
     """
     t, gamma = _check_t_gamma(t, gamma, "t", "gamma")
-    tau = np.asarray(tau, dtype=np.float64)
+    try:
+        tau = np.asarray(tau, dtype=np.float64)
+    except OverflowError:
+        raise ScheduleError(f"tau must be within the float range, got tau={tau!r:.100}") from None
     inside = (tau >= 0.0) & (tau <= t)
     # tau / t first so that large t**(gamma+1) cannot overflow.
     scaled = np.where(inside, np.clip(tau, 0.0, t) / t, 0.0)
@@ -214,6 +223,11 @@ def _targets(sigma_rel: Any) -> tuple[list[Any], bool]:
 def _check_t_gamma(t: object, gamma: object, t_name: str, g_name: str) -> tuple[float, float]:
     try:
         t_f, g_f = float(t), float(gamma)  # type: ignore[arg-type]
+    except OverflowError:  # an int beyond float64, e.g. t=10**400
+        raise ScheduleError(
+            f"{t_name} and {g_name} must be within the float range, got "
+            f"{t_name}={show_value(t)}, {g_name}={show_value(gamma)}"
+        ) from None
     except (TypeError, ValueError):
         raise ScheduleError(
             f"{t_name} and {g_name} must be real numbers, got {t_name}={t!r}, {g_name}={gamma!r}"

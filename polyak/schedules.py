@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from polyak._errors import EmptyInputError, NoOnlineFormError, ScheduleError, WeightsError
+from polyak._errors import (
+    EmptyInputError,
+    NoOnlineFormError,
+    ScheduleError,
+    WeightsError,
+    show_value,
+)
 
 __all__ = [
     "Schedule",
@@ -119,7 +125,12 @@ class Schedule:
             array([0.2689, 0.7311])
         """
         n = _check_count(n)
-        raw = self._weights_fn(n)
+        try:
+            raw = self._weights_fn(n)
+        except (OverflowError, MemoryError) as err:  # n = 10**400, or 10**11 floats
+            raise WeightsError(
+                f"{self!r}: cannot compute {show_value(n)} weights ({err})"
+            ) from None
         try:
             w = np.array(raw, dtype=np.float64, copy=True)
         except (TypeError, ValueError) as err:
@@ -161,8 +172,13 @@ class Schedule:
                 "snapshots. Save snapshots with polyak.SnapshotDir and average them afterwards."
             )
         if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or t < 1:
-            raise ScheduleError(f"decay(t) needs an integer t >= 1, got t={t!r}")
-        return float(self._decay_fn(int(t)))
+            raise ScheduleError(f"decay(t) needs an integer t >= 1, got t={show_value(t)}")
+        try:
+            return float(self._decay_fn(int(t)))
+        except OverflowError:  # t beyond float64 (10**400): the formulas divide by t
+            raise ScheduleError(
+                f"{self!r}: decay(t) needs t within the float range, got t={show_value(t)}"
+            ) from None
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={_short(v)}" for k, v in self._params.items())
@@ -197,7 +213,7 @@ def _params_key(params: Mapping[str, Any]) -> tuple:
 
 def _check_count(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise EmptyInputError(f"the number of snapshots must be an integer, got n={n!r}")
+        raise EmptyInputError(f"the number of snapshots must be an integer, got n={show_value(n)}")
     if n < 1:
         raise EmptyInputError(f"nothing to average: n={n} snapshots (need at least 1)")
     return int(n)
@@ -215,10 +231,15 @@ def _number(
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise ScheduleError(f"{factory}() needs a number {name}, got {name}={value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float64, e.g. 10**400
+        raise ScheduleError(
+            f"{factory}() needs {name} within the float range, got {name}={show_value(value)}"
+        ) from None
     too_low = v <= low if low_open else v < low
     too_high = v >= high if high_open else v > high
-    if math.isnan(v) or too_low or too_high:
+    if not math.isfinite(v) or too_low or too_high:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         raise ScheduleError(
@@ -581,6 +602,10 @@ def explicit(weights: Sequence[float] | np.ndarray) -> Schedule:
     """
     try:
         w = np.array(weights, dtype=np.float64)
+    except OverflowError:
+        raise ScheduleError(
+            f"explicit() needs weights within the float range, got {weights!r:.100}"
+        ) from None
     except (TypeError, ValueError):
         raise ScheduleError(f"explicit() needs a sequence of numbers, got {weights!r}") from None
     if w.ndim != 1 or w.size == 0:

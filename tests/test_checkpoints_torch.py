@@ -278,7 +278,7 @@ class Discard:  # the output is not under test: only what reading the inputs cos
 
 gc.collect()
 base = psutil.Process().memory_info().rss
-nread = _stream.run(readers, [Discard()], [np.full(len(paths), 1 / len(paths))], plans)
+nread = _stream.run(readers, [Discard()], [np.full(len(paths), 1 / len(paths))], plans).bytes_read
 with open("/proc/self/status") as f:
     peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 print(peak - base, nread)

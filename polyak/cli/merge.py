@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype", default=None,
         help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
-        "(default: keep each tensor's dtype)",
+        "(default: keep each tensor's dtype); fp8_e4m3 saturates to +-448, as torch does",
     )  # fmt: skip
     p.add_argument(
         "--int-policy", default="last", choices=["last", "first", "average", "error"],
@@ -141,6 +141,12 @@ def run(args: argparse.Namespace) -> int:
         print("  nothing was written")
         return 0
     print(report)
+    if report.nonfinite:
+        print(
+            f"polyak: warning: the inputs hold {report.nonfinite} NaN/Inf values; they are "
+            "propagated into the output, not repaired",
+            file=sys.stderr,
+        )
     return 0
 
 

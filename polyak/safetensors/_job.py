@@ -217,10 +217,19 @@ class MergeJob:
         return _stream.bytes_to_read(self.plans, self.routing)
 
     @property
+    def threads(self) -> int:
+        """The worker threads the run uses (chosen from the work, at most the option's)."""
+        return _stream.choose_threads(
+            self.plans, self.routing, self.options.threads,
+            chunk_elements=self.options.chunk_elements,
+        )  # fmt: skip
+
+    @property
     def buffer_bytes(self) -> int:
-        """Buffer memory of all worker threads together."""
+        """Buffer memory of all worker threads together: the stream's own sizing
+        (:func:`polyak._stream.buffer_spec`) times the threads it will use."""
         spec = _stream.buffer_spec(self.plans, len(self.outputs), self.options.chunk_elements)
-        return spec.nbytes * self.options.threads
+        return spec.nbytes * self.threads
 
     def _writer_args(self, k: int) -> dict[str, Any]:
         """The layout of output ``k``, as both the writer and its size estimate take it."""

@@ -108,7 +108,7 @@ def describe(job: MergeJob) -> MergePlan:
         bytes_to_read=job.bytes_to_read,
         bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
         buffer_bytes=job.buffer_bytes,
-        threads=job.options.threads,
+        threads=job.threads,
         warnings=tuple(job.warnings),
     )
 
@@ -233,7 +233,7 @@ def run_merge(
             for k in range(len(job.outputs)):
                 writers.append(job.writer(k, force=force))
             with _progress(progress, job.bytes_to_read) as tick:
-                nread = _stream.run(
+                nread, nonfinite, threads = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
                     int_policy=options.int_policy, threads=options.threads,
                     chunk_elements=options.chunk_elements, progress=tick, labels=job.inputs,
@@ -260,8 +260,9 @@ def run_merge(
             seconds=seconds,
             weights=tuple(float(x) for x in w),
             schedule=repr(sched) if sched is not None else "explicit",
-            threads=options.threads,
+            threads=threads,
             copied=tuple(job.copied(k)),
+            nonfinite=nonfinite,
         )
         for k, (out, wr, w, sched) in enumerate(
             zip(job.outputs, writers, job.weights, job.schedules, strict=True)

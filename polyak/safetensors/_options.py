@@ -45,7 +45,8 @@ class MergeOptions:
         dtype: cast float tensors of the outputs (``"bf16"``, ``"float16"``, np.float32...).
         int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
-        threads: worker threads (default: the usable cores, at most 8).
+        threads: at most this many worker threads, chosen from the work (one for many tiny
+            tensors); default: the usable cores, at most 8.
         max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
         shard_bytes: ``max_shard_size`` in bytes (None: keep the first input's layout).

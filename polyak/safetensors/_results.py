@@ -23,9 +23,12 @@ class MergeReport:
         seconds: wall time of the whole pass, fsync included.
         weights: the weights applied, oldest input first.
         schedule: a description of the schedule.
-        threads: worker threads used.
+        threads: worker threads used (see :attr:`MergePlan.threads`).
         copied: files copied into a folder output besides the weights, relative to it
             (a model's config and tokenizer files, by :func:`polyak.merge`).
+        nonfinite: NaN and infinite elements met in the float tensors of the inputs read
+            (propagated into the average, not repaired; 0 normally). Shared by all outputs
+            of one ``merge_many`` pass.
     """
 
     output: str
@@ -38,6 +41,7 @@ class MergeReport:
     schedule: str
     threads: int
     copied: tuple[str, ...] = ()
+    nonfinite: int = 0
 
     @property
     def read_gb_per_s(self) -> float:
@@ -66,8 +70,9 @@ class MergePlan:
         weights: one weight vector per output.
         bytes_to_read: input bytes the merge reads (inputs with weight 0 everywhere are skipped).
         bytes_to_write: bytes written per output (headers, metadata and index included).
-        buffer_bytes: buffer memory of all threads together.
-        threads: worker threads.
+        buffer_bytes: buffer memory of all threads together, from the sizing the run uses.
+        threads: worker threads the run will use (chosen from the work: one for checkpoints
+            of many tiny tensors; at most the ``threads`` asked for).
         warnings: e.g. the natural-order warning.
     """
 
