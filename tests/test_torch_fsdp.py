@@ -99,6 +99,9 @@ def worker(rank: int, tmp: str) -> None:
         for k, v in fresh.state_dict()["average"].items():
             assert torch.equal(v.to_local(), average[k].to_local()), k
         assert all(torch.equal(full[k], v.full_tensor()) for k, v in fresh.value.items())
+        # Tear down together: a rank that destroys its gloo group while the other still
+        # runs a collective aborts the other (seen as SIGABRT under load).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
