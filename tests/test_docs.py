@@ -16,6 +16,7 @@ import doctest
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -157,27 +158,24 @@ def test_block_extraction() -> None:
     assert not runnable_shell("pip install .\npolyak demo\n")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("sphinx", "myst_parser", "furo")),
-    reason="the docs extra (sphinx, myst-parser, furo) is not installed",
-)
-def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
-    # The documented command, with -W: any warning (a broken reference, a docstring that
-    # does not parse, an undocumented public name) fails the build.
+SPHINX_MISSING = [
+    m
+    for m in ("sphinx", "myst_parser", "furo", "sphinx-mathjax-offline")
+    if importlib.util.find_spec(m) is None
+]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once for this module by the documented command, with -W."""
+    if SPHINX_MISSING:
+        pytest.skip(f"the docs extra is not installed (missing: {SPHINX_MISSING})")
+    html = tmp_path_factory.mktemp("site") / "html"
+    # Any warning (a broken reference, a docstring that does not parse, an undocumented
+    # public name) fails the build.
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sphinx",
-            "-W",
-            "--keep-going",
-            "-b",
-            "html",
-            "-q",
-            str(DOCS),
-            str(tmp_path / "html"),
-        ],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q",
+         str(DOCS), str(html)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -185,9 +183,18 @@ def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         },
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    html = tmp_path / "html"
+    return html
+
+
+def html_pages(site: Path) -> list[Path]:
+    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts)
+
+
+@pytest.mark.slow
+def test_sphinx_html_build_has_no_warnings(site: Path) -> None:
+    html = site
     assert (html / "index.html").exists()
     assert (html / "api" / "schedules.html").exists()
     plots = list((html / "_images").glob("schedule_*.png"))
@@ -198,3 +205,61 @@ def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
     for page in (html / "api").glob("*.html"):
         text = page.read_text()
         assert ":py:obj:" not in text and ".. autosummary" not in text, page.name
+
+
+SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc=\"([^\"]+)\"")
+MATH_ELEMENT = re.compile(r'class="math notranslate nohighlight"')
+
+
+@pytest.mark.slow
+def test_site_loads_no_script_from_the_network(site: Path) -> None:
+    # Formulas render without a network: the math renderer is a file of the site itself.
+    with_math = 0
+    for page in html_pages(site):
+        text = page.read_text()
+        for src in SCRIPT_SRC.findall(text):
+            assert "//" not in src and ":" not in src, f"{page.name} loads {src}"
+            assert (page.parent / src.split("?")[0]).is_file(), f"{page.name}: {src} missing"
+        if MATH_ELEMENT.search(text):
+            with_math += 1
+            assert any("mathjax" in s.lower() for s in SCRIPT_SRC.findall(text)), page.name
+    assert with_math >= 3, "the formulas of concepts/schedules pages were not found"
+
+
+def browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser() is None, reason="no headless Chromium (apt-get install chromium)")
+def test_formulas_render_in_a_browser_without_network(site: Path, tmp_path: Path) -> None:
+    # Headless Chromium with every host name unresolvable: each formula of the page must
+    # become a MathJax element, none of them an error box.
+    for name in ("schedules.html", "concepts.html"):
+        page = site / name
+        expected = len(MATH_ELEMENT.findall(page.read_text()))
+        assert expected >= 5, name
+        proc = subprocess.run(
+            [browser(), "--headless", "--no-sandbox", "--disable-gpu",
+             f"--user-data-dir={tmp_path / 'profile'}",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
+             "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        dom = proc.stdout
+        assert proc.returncode == 0 and "</html>" in dom, proc.stderr[-2000:]
+        rendered = dom.count("<mjx-container")
+        assert rendered == expected, f"{name}: {rendered} of {expected} formulas rendered"
+        assert "<mjx-merror" not in dom, f"{name}: a formula failed to render"
+
+
+@pytest.mark.slow
+def test_command_line_options_keep_their_double_dash(site: Path) -> None:
+    # "--mib-32" in prose or a table must not become an en dash ("\u2013mib-32").
+    text = (site / "benchmarks.html").read_text()
+    assert "--mib-32" in text
+    assert "\u2013mib" not in text and "&#8211;mib" not in text
