@@ -21,6 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -263,3 +264,31 @@ def test_command_line_options_keep_their_double_dash(site: Path) -> None:
     text = (site / "benchmarks.html").read_text()
     assert "--mib-32" in text
     assert "\u2013mib" not in text and "&#8211;mib" not in text
+
+
+def test_readme_command_lines_run_without_a_warning(in_tmp: Path) -> None:
+    # The README's `polyak` commands, on checkpoints named as they name them: each runs, and
+    # none warns (an unsorted glob, or a schedule that gives the oldest input the most weight).
+    import polyak.safetensors as pst
+
+    rng = np.random.default_rng(0)
+    (in_tmp / "ckpt").mkdir()
+    for e in (8, 9, 10):
+        pst.save({"w": rng.standard_normal((4, 4)).astype(np.float32)},
+                 in_tmp / "ckpt" / f"epoch_{e}.safetensors")  # fmt: skip
+    for step in (100, 200, 1000):
+        tree = {f"layer{i}.w": rng.standard_normal((32, 32)).astype(np.float32) for i in range(4)}
+        pst.save(tree, in_tmp / "run" / f"step_{step}", max_shard_size=9000)
+    shells = [
+        c for lang, c, _ in blocks(ROOT / "README.md") if lang == "bash" and runnable_shell(c)
+    ]
+    assert shells, "the README shows no `polyak` command block"
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": path}
+    for code in shells:
+        script = 'set -euo pipefail\npolyak() { "$PYTHON" -m polyak "$@"; }\n' + code
+        proc = subprocess.run(["bash", "-c", script], cwd=in_tmp, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert (in_tmp / "averaged").is_dir() and (in_tmp / "averaged.safetensors").is_file()
