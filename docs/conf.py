@@ -64,9 +64,14 @@ html_title = f"polyak {release}"
 # The modules whose public names must all be documented (see _ext/api_coverage.py).
 api_coverage_modules = [
     "polyak",
+    "polyak.online",
     "polyak.schedules",
     "polyak.safetensors",
     "polyak.keras",
+    "polyak.lightning",
+    "polyak.transformers",
     "polyak.posthoc",
     "polyak.soup",
+    "polyak.utils",
+    "polyak.torch",
 ]

@@ -1,8 +1,9 @@
 """polyak: average model weights, for any framework, in bounded memory.
 
 Polyak-Ruppert averaging, EMA, SWA, checkpoint averaging and model soups over parameter
-pytrees (:func:`average`, :class:`Averager`) and safetensors checkpoints on disk
-(:mod:`polyak.safetensors`), with pluggable weight :mod:`~polyak.schedules`.
+pytrees (:func:`average`, :class:`Averager` and its pure core :mod:`polyak.online`) and
+safetensors checkpoints on disk (:mod:`polyak.safetensors`), with pluggable weight
+:mod:`~polyak.schedules`.
 
 Example:
     >>> import numpy as np, polyak
@@ -13,19 +14,11 @@ Example:
 
 import importlib
 
-from polyak import posthoc, schedules, soup
+from polyak import _errors, online, posthoc, schedules, soup
 from polyak._average import average, weights
-from polyak._errors import (
-    DtypeError,
-    EmptyInputError,
-    NoOnlineFormError,
-    PolyakError,
-    ScheduleError,
-    ShapeError,
-    StructureError,
-    WeightsError,
-)
+from polyak._errors import *  # noqa: F403  (PolyakError and its subclasses: _errors.__all__)
 from polyak._online import Averager
+from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.schedules import Schedule
 
 __version__ = "0.1.0"
@@ -35,25 +28,22 @@ __all__ = [
     "average",
     "weights",
     "Averager",
-    "SnapshotDir",
+    "online",
+    "SnapshotDir",  # noqa: F405  (loaded lazily by __getattr__ below)
     "schedules",
     "Schedule",
+    "ScheduleLike",
+    "IntPolicy",
+    "PathLike",
     "posthoc",
     "soup",
-    "PolyakError",
-    "EmptyInputError",
-    "StructureError",
-    "ShapeError",
-    "DtypeError",
-    "WeightsError",
-    "ScheduleError",
-    "NoOnlineFormError",
+    *_errors.__all__,  # PolyakError and its subclasses
 ]
 
 
 # Adapters load on first use (``polyak.safetensors.merge``, ``polyak.keras``), so that
 # ``import polyak`` imports no framework and no file-format code.
-_LAZY_MODULES = ("safetensors", "keras", "cli")
+_LAZY_MODULES = ("safetensors", "keras", "cli", "utils")
 
 
 def __getattr__(name: str):

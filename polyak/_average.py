@@ -7,17 +7,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from polyak import _kernel, _tree
-from polyak._arrays import detach, namespace, widest_float
+from polyak import _backend, _kernel, _tree
+from polyak._accumulate import ReadPlan, WeightedSum, inputs_to_read
+from polyak._deprecation import renamed
 from polyak._errors import DtypeError, EmptyInputError, PolyakError, ShapeError
+from polyak._types import IntPolicy, ScheduleLike
 from polyak.schedules import resolve
 
 __all__ = ["average", "weights", "ScheduleLike"]
 
 Tree = TypeVar("Tree")
-ScheduleLike = (
-    "Schedule | str | Sequence[float] | np.ndarray | Callable[[int], Sequence[float]] | None"
-)
+_ROOT = "snapshots"
 
 
 def weights(schedule: ScheduleLike = None, n: int = 1, *, normalize: bool = True) -> np.ndarray:
@@ -44,12 +44,13 @@ def weights(schedule: ScheduleLike = None, n: int = 1, *, normalize: bool = True
     return resolve(schedule).weights(n, normalize=normalize)
 
 
+@renamed(params_list="snapshots")
 def average(
-    params_list: Sequence[Tree],
+    snapshots: Sequence[Tree],
     schedule: ScheduleLike = None,
     *,
     normalize: bool = True,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     accumulate_dtype: np.dtype | str | None = None,
 ) -> Tree:
     """The weighted average of parameter pytrees, oldest first.
@@ -61,9 +62,11 @@ def average(
     which are computed in their own library and stay on their device.
 
     Args:
-        params_list: a non-empty sequence of pytrees with identical structure (nested
+        snapshots: a non-empty sequence of pytrees with identical structure (nested
             dict / OrderedDict / list / tuple / namedtuple; Keras ``get_weights()`` lists,
             torch ``state_dict()`` dicts, JAX/Flax params), index 0 the OLDEST snapshot.
+            Its former name ``params_list`` still works for one release, with a
+            ``DeprecationWarning``.
         schedule: ``None``/``"equal"``, a name such as ``"linear"`` or ``"exponential"``, a
             :class:`polyak.Schedule`, explicit weights (oldest first) or a callable
             ``n -> weights``.
@@ -71,7 +74,8 @@ def average(
             arithmetic, post-hoc EMA coefficients, negative weights).
         int_policy: what to do with integer and bool leaves (step counters, BatchNorm
             ``num_batches_tracked``): ``"last"`` takes the newest, ``"first"`` the oldest,
-            ``"average"`` averages and rounds half to even, ``"error"`` refuses.
+            ``"average"`` averages, rounds half to even and clips to the dtype's range,
+            ``"error"`` refuses.
         accumulate_dtype: raise the accumulation precision, e.g. ``"float64"``.
 
     Returns:
@@ -79,11 +83,12 @@ def average(
         type of the newest snapshot's leaf.
 
     Raises:
-        EmptyInputError: ``params_list`` is empty.
-        StructureError: a snapshot's structure differs from ``params_list[0]``.
+        EmptyInputError: ``snapshots`` is empty.
+        StructureError: a snapshot's structure differs from ``snapshots[0]``.
         ShapeError: a leaf's shape differs, e.g.
-            ``params_list[3]['dense']['kernel']: shape (25, 4) != (25, 3)``.
-        DtypeError: a leaf's dtype kind differs, or cannot be averaged.
+            ``snapshots[3]['dense']['kernel']: shape (25, 4) != (25, 3)``.
+        DtypeError: a leaf's dtype kind differs, or cannot be averaged, or
+            ``accumulate_dtype`` is not a float or complex dtype.
         WeightsError: weights that are NaN/inf, of the wrong count, or sum to <= 0.
 
     Example:
@@ -94,70 +99,79 @@ def average(
         >>> polyak.average(snaps, "linear")["w"].round(3)
         array([1.333, 3.333])
     """
-    snapshots = _as_list(params_list)
+    snaps = _as_list(snapshots)
     _kernel.check_int_policy(int_policy)
-    w = weights(schedule, len(snapshots), normalize=normalize)
+    w = weights(schedule, len(snaps), normalize=normalize)
+    # Checked once, up front: a leaf library that never reaches the float path (or a tree
+    # of int leaves) must not let a bad value through.
+    _kernel.accumulator_dtype(np.float32, accumulate_dtype)
 
-    ref_leaves, ref_acc, ref_spec = _tree.flatten(snapshots[0])
+    ref_leaves, ref_acc, ref_spec = _tree.flatten(snaps[0])
     columns: list[list[Any]] = [[leaf] for leaf in ref_leaves]
-    for i, snap in enumerate(snapshots[1:], start=1):
+    for i, snap in enumerate(snaps[1:], start=1):
         leaves, acc, spec = _tree.flatten(snap)
-        _tree.check_same_structure(
-            spec, acc, ref_spec, ref_acc, f"params_list[{i}]", "params_list[0]"
-        )
+        _tree.check_same_structure(spec, acc, ref_spec, ref_acc, f"{_ROOT}[{i}]", f"{_ROOT}[0]")
         for column, leaf in zip(columns, leaves):
             column.append(leaf)
 
+    leaf_weights = _LeafWeights(w, int_policy, accumulate_dtype)
     out = [
-        _average_leaf(column, w, accessor, int_policy, accumulate_dtype)
-        for column, accessor in zip(columns, ref_acc)
+        _average_leaf(column, leaf_weights, accessor) for column, accessor in zip(columns, ref_acc)
     ]
     return ref_spec.unflatten(out)
 
 
-def _as_list(params_list: Any) -> list[Any]:
-    if isinstance(params_list, (Mapping, str, bytes)) or not isinstance(params_list, Iterable):
+class _LeafWeights:
+    """What every leaf's average needs from the call: the weights, split as the kernel
+    sums them, which inputs are read, and the options."""
+
+    def __init__(self, w: np.ndarray, int_policy: str, accumulate_dtype: Any) -> None:
+        self.w = w
+        self.coefficients, self.divisor = _kernel.split_weights(w)
+        self.plan: ReadPlan = inputs_to_read([w], int_policy)
+        self.int_policy = int_policy
+        self.accumulate_dtype = accumulate_dtype
+
+
+def _as_list(snapshots: Any) -> list[Any]:
+    if isinstance(snapshots, (Mapping, str, bytes)) or not isinstance(snapshots, Iterable):
         raise PolyakError(
-            "params_list must be a sequence of pytrees (oldest first), got "
-            f"{type(params_list).__name__}; to average one model's snapshots, pass a list"
+            f"{_ROOT} must be a sequence of pytrees (oldest first), got "
+            f"{type(snapshots).__name__}; to average one model's snapshots, pass a list"
         )
-    snapshots = list(params_list)
-    if not snapshots:
-        raise EmptyInputError("params_list is empty: nothing to average")
-    return snapshots
+    snaps = list(snapshots)
+    if not snaps:
+        raise EmptyInputError(f"{_ROOT} is empty: nothing to average")
+    return snaps
 
 
-def _average_leaf(
-    column: list[Any],
-    w: np.ndarray,
-    accessor: Any,
-    int_policy: str,
-    accumulate_dtype: Any,
-) -> Any:
+def _average_leaf(column: list[Any], lw: _LeafWeights, accessor: Any) -> Any:
     def at(i: int) -> str:
-        return _tree.where(accessor, f"params_list[{i}]")
+        return _tree.where(accessor, f"{_ROOT}[{i}]")
 
-    xp = namespace(column[-1])
-    if xp is not None:
-        return _average_leaf_xp(xp, column, w, at, int_policy, accumulate_dtype)
-
-    arrays = []
-    for i, leaf in enumerate(column):
-        if namespace(leaf) is not None:
-            raise DtypeError(
-                f"{at(i)}: a {type(leaf).__name__} among numpy leaves; every snapshot's leaf "
-                "must come from the same array library"
-            )
-        try:
-            arrays.append(np.asarray(leaf))
-        except (TypeError, ValueError) as err:
-            raise DtypeError(f"{at(i)}: cannot be read as an array: {err}") from None
-    kind = _check_leaves(arrays, [a.shape for a in arrays], at, _kernel.dtype_kind)
-
+    be = _backend.get(column[-1])
+    xs = _same_library(be, column, at)
+    kind = _check_leaves(be, xs, at)
+    last = len(xs) - 1
     if kind == "int":
-        result = _kernel.combine_ints(arrays, w, int_policy, at(len(arrays) - 1))
+        if lw.int_policy == "error":
+            raise _kernel.int_policy_error(at(last), xs[-1].dtype)
+        read = lw.plan.ints
+        result = be.combine_ints([xs[i] for i in read], lw.w[read], lw.int_policy, at(last))
     else:
-        result = _weighted_sum(arrays, w, accumulate_dtype, at)
+        try:
+            out_dtype = be.result_type([x.dtype for x in xs])
+        except TypeError:
+            raise DtypeError(
+                f"{at(last)}: dtypes {sorted({str(x.dtype) for x in xs})} have no common type"
+            ) from None
+        if isinstance(xs[-1], np.ndarray):
+            result = _weighted_sum_numpy(xs, lw, out_dtype)
+        else:
+            total = WeightedSum(accumulate_dtype=lw.accumulate_dtype, dtype=out_dtype)
+            for x, c in zip(xs, lw.coefficients):
+                total.add(x, float(c))
+            result = total.result(out_dtype, divisor=lw.divisor)
     newest = column[-1]
     if isinstance(newest, (bool, int, float, complex)) and not isinstance(newest, np.generic):
         return result.item()
@@ -166,43 +180,53 @@ def _average_leaf(
     return result
 
 
-def _check_leaves(
-    arrays: list[Any], shapes: list[tuple], at: Callable[[int], str], kind_of: Callable
-) -> str:
-    """Check shapes and dtype kinds against ``params_list[0]``; return the kind."""
-    kind = kind_of(arrays[0].dtype)
-    for i, (a, shape) in enumerate(zip(arrays, shapes)):
-        if tuple(shape) != tuple(shapes[0]):
-            raise ShapeError(
-                f"{at(i)}: shape {tuple(shape)} != {tuple(shapes[0])} in params_list[0]"
+def _same_library(be: _backend.Backend, column: list[Any], at: Callable[[int], str]) -> list[Any]:
+    """The column's leaves as arrays of ``be``'s library (the newest leaf's)."""
+    numpy = isinstance(be, _backend.NumpyBackend)
+    xs = []
+    for i, leaf in enumerate(column):
+        if _backend.get(leaf) is not be:
+            if numpy:
+                raise DtypeError(
+                    f"{at(i)}: a {type(leaf).__name__} among numpy leaves; every snapshot's "
+                    "leaf must come from the same array library"
+                )
+            raise DtypeError(
+                f"{at(i)}: a {type(leaf).__name__} where {_ROOT}[{len(column) - 1}] has a "
+                f"{type(column[-1]).__name__}; every snapshot's leaf must come from the same "
+                "array library"
             )
-        k = kind_of(a.dtype)
+        try:
+            xs.append(be.as_array(leaf))
+        except (TypeError, ValueError) as err:
+            raise DtypeError(f"{at(i)}: cannot be read as an array: {err}") from None
+    return xs
+
+
+def _check_leaves(be: _backend.Backend, xs: list[Any], at: Callable[[int], str]) -> str:
+    """Check shapes and dtype kinds against ``snapshots[0]``; return the kind."""
+    kind = be.kind(xs[0].dtype)
+    shape0 = tuple(xs[0].shape)
+    for i, x in enumerate(xs):
+        if tuple(x.shape) != shape0:
+            raise ShapeError(f"{at(i)}: shape {tuple(x.shape)} != {shape0} in {_ROOT}[0]")
+        k = be.kind(x.dtype)
         if k == "other":
-            raise DtypeError(f"{at(i)}: dtype {a.dtype} cannot be averaged")
+            raise DtypeError(f"{at(i)}: dtype {x.dtype} cannot be averaged")
         if k != kind:
             raise DtypeError(
-                f"{at(i)}: dtype {a.dtype} ({k}) != {arrays[0].dtype} ({kind}) in params_list[0]"
+                f"{at(i)}: dtype {x.dtype} ({k}) != {xs[0].dtype} ({kind}) in {_ROOT}[0]"
             )
     return kind
 
 
-def _weighted_sum(
-    arrays: list[np.ndarray], w: np.ndarray, accumulate_dtype: Any, at: Callable[[int], str]
-) -> np.ndarray:
-    try:
-        out_dtype = np.result_type(*[a.dtype for a in arrays])
-    except TypeError:
-        raise DtypeError(
-            f"{at(len(arrays) - 1)}: dtypes {sorted({str(a.dtype) for a in arrays})} have no "
-            "common type"
-        ) from None
-    acc_dtype = _kernel.accumulator_dtype(out_dtype, accumulate_dtype)
+def _weighted_sum_numpy(arrays: list[np.ndarray], lw: _LeafWeights, out_dtype: Any) -> np.ndarray:
+    """The numpy sum, chunk by chunk through cache-sized buffers, so that a bf16 average
+    never holds a full-size float32 accumulator."""
+    acc_dtype = _kernel.accumulator_dtype(out_dtype, lw.accumulate_dtype)
     out = np.empty(arrays[0].shape, dtype=out_dtype)
     size = out.size
-    # Snapshots with weight 0 are never read: tail(k) and swa(start) skip old checkpoints,
-    # and a diverged (NaN) snapshot outside the window cannot poison the average.
-    coefficients, divisor = _kernel.split_weights(w)
-    active = [(a, float(c)) for a, c in zip(arrays, coefficients) if c != 0]
+    active = [(a, float(c)) for a, c in zip(arrays, lw.coefficients) if c != 0]
     if not active or size == 0:
         out[...] = 0
         return out
@@ -215,67 +239,8 @@ def _weighted_sum(
     for start in range(0, size, step):
         stop = min(start + step, size)
         acc = out_flat[start:stop] if in_place else acc_buf[: stop - start]
-        for j, (flat, (_, wi)) in enumerate(zip(flats, active)):
-            _kernel.accumulate(acc, flat[start:stop], wi, scratch[: stop - start], first=j == 0)
-        _kernel.finalize(acc, acc if in_place else out_flat[start:stop], divisor)
+        total = WeightedSum(acc, scratch[: stop - start])
+        for flat, (_, wi) in zip(flats, active):
+            total.add(flat[start:stop], wi)
+        total.result(out=acc if in_place else out_flat[start:stop], divisor=lw.divisor)
     return out
-
-
-def _average_leaf_xp(
-    xp: Any,
-    column: list[Any],
-    w: np.ndarray,
-    at: Callable[[int], str],
-    int_policy: str,
-    accumulate_dtype: Any,
-) -> Any:
-    """The same average in the leaf's own array library (torch, JAX, CuPy)."""
-    xs = [detach(x) for x in column]
-    for i, x in enumerate(xs):
-        if namespace(x) is not xp:
-            raise DtypeError(
-                f"{at(i)}: a {type(column[i]).__name__} where params_list[{len(xs) - 1}] has "
-                f"a {type(column[-1]).__name__}; every snapshot's leaf must come from the same "
-                "array library"
-            )
-
-    def kind_of(dtype: Any) -> str:
-        if xp.isdtype(dtype, "real floating"):
-            return "float"
-        if xp.isdtype(dtype, "complex floating"):
-            return "complex"
-        if xp.isdtype(dtype, ("integral", "bool")):
-            return "int"
-        return "other"
-
-    kind = _check_leaves(xs, [tuple(x.shape) for x in xs], at, kind_of)
-    if kind == "int":
-        if int_policy in ("last", "first"):
-            chosen = xs[-1] if int_policy == "last" else xs[0]
-            return xp.asarray(chosen, copy=True)
-        if int_policy == "error":
-            _kernel.combine_ints([np.zeros(0)], w, "error", at(len(xs) - 1))
-        wide = widest_float(xp)
-        acc = sum(float(wi) * xp.astype(x, wide) for x, wi in zip(xs, w) if wi != 0)
-        rounded = xp.round(xp.asarray(acc))
-        if xs[-1].dtype == xp.bool:
-            return rounded != 0
-        return xp.astype(rounded, xs[-1].dtype)
-
-    out_dtype = xp.result_type(*[x.dtype for x in xs])
-    wide = out_dtype == xp.float64 or (
-        accumulate_dtype is not None and np.dtype(accumulate_dtype) == np.float64
-    )
-    if kind == "complex":
-        acc_dtype = out_dtype if not wide else xp.complex128
-    else:
-        acc_dtype = xp.float64 if wide else xp.float32
-    acc = None
-    for x, wi in zip(xs, w):
-        if wi == 0:
-            continue
-        term = xp.astype(x, acc_dtype) * float(wi)
-        acc = term if acc is None else acc + term
-    if acc is None:
-        return xp.zeros_like(xs[-1])
-    return xp.astype(acc, out_dtype)

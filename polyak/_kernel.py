@@ -26,6 +26,7 @@ __all__ = [
     "finalize",
     "combine_ints",
     "check_int_policy",
+    "int_policy_error",
     "dtype_kind",
 ]
 
@@ -189,6 +190,14 @@ def check_int_policy(policy: str) -> str:
     return policy
 
 
+def int_policy_error(where: str, dtype: object) -> DtypeError:
+    """The error for an int/bool leaf under ``int_policy="error"``, naming ``where``."""
+    return DtypeError(
+        f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
+        "(use 'last', 'first' or 'average')"
+    )
+
+
 def combine_ints(
     arrays: Sequence[np.ndarray], weights: np.ndarray, policy: str, where: str
 ) -> np.ndarray:
@@ -206,10 +215,7 @@ def combine_ints(
         return np.array(arrays[0], copy=True)
     dtype = np.asarray(arrays[-1]).dtype
     if policy == "error":
-        raise DtypeError(
-            f"{where}: {dtype} leaf cannot be averaged with int_policy='error' "
-            "(use 'last', 'first' or 'average')"
-        )
+        raise int_policy_error(where, dtype)
     acc = np.zeros(np.shape(arrays[-1]), dtype=np.float64)
     for a, w in zip(arrays, weights):
         if w != 0:

@@ -14,15 +14,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from polyak._errors import EmptyInputError, PolyakError
+import numpy as np
 
-__all__ = ["SnapshotDir"]
+from polyak._accumulate import inputs_to_read
+from polyak._average import average, weights
+from polyak._errors import EmptyInputError, PolyakError
+from polyak._types import IntPolicy, PathLike, ScheduleLike
+
+__all__ = ["SnapshotDir", "STEP_KEY"]
 
 _PREFIX = "snapshot-"
 _SUFFIX = ".safetensors"
 _DIGITS = 10  # steps up to 10**10 - 1 sort by name too; larger ones still sort by step
 _NAME = re.compile(rf"^{_PREFIX}(\d+){re.escape(_SUFFIX)}$")
-_STEP_KEY = "polyak.step"
+#: The metadata key of the step each snapshot file records.
+STEP_KEY = "polyak.step"
 
 
 class SnapshotDir:
@@ -55,7 +61,7 @@ class SnapshotDir:
         array([1.5, 1.5])
     """
 
-    def __init__(self, path: str | os.PathLike[str], keep: int | None = None) -> None:
+    def __init__(self, path: PathLike, keep: int | None = None) -> None:
         if keep is not None and (
             isinstance(keep, bool) or not hasattr(keep, "__index__") or int(keep) < 1
         ):
@@ -109,10 +115,10 @@ class SnapshotDir:
                         f"metadata must map strings to strings; got {key!r}: {value!r:.100} "
                         "(format numbers with str())"
                     )
-            if _STEP_KEY in metadata:
-                raise PolyakError(f"metadata key {_STEP_KEY!r} is reserved for the step")
+            if STEP_KEY in metadata:
+                raise PolyakError(f"metadata key {STEP_KEY!r} is reserved for the step")
             meta.update(metadata)
-        meta[_STEP_KEY] = str(step)
+        meta[STEP_KEY] = str(step)
         self._path.mkdir(parents=True, exist_ok=True)
         target = self._path / f"{_PREFIX}{step:0{_DIGITS}d}{_SUFFIX}"
         st.save(params, target, meta)
@@ -194,25 +200,27 @@ class SnapshotDir:
 
     def average(
         self,
-        schedule: Any = None,
-        output: str | os.PathLike[str] | None = None,
+        schedule: ScheduleLike = None,
         *,
-        int_policy: str = "last",
-    ) -> Any:
-        """Average the stored snapshots, oldest first, with any schedule.
+        int_policy: IntPolicy = "last",
+        accumulate_dtype: np.dtype | str | None = None,
+    ) -> dict[str, Any]:
+        """Average the stored snapshots in memory, oldest first, with any schedule.
+
+        Only the snapshots the average depends on are loaded (those the schedule gives a
+        weight, and the one the int policy reads: :func:`polyak._accumulate.inputs_to_read`);
+        the others are checked from their file headers. To stream the average to a file
+        instead, in bounded memory, merge the files:
+        ``polyak.safetensors.merge(snaps.paths(), out, schedule)``.
 
         Args:
             schedule: Anything :func:`polyak.average` accepts (``None`` is the plain mean),
                 including schedules with no online form, such as ``tail(k)``.
-            output: Where to write the average as a safetensors file, merged tensor by
-                tensor (streaming) so that memory stays bounded; ``None`` averages in memory
-                and returns the result, loading only the snapshots the schedule gives a
-                weight (and the oldest and newest, for the int policy).
             int_policy: For int/bool tensors, as in :func:`polyak.average`.
+            accumulate_dtype: As in :func:`polyak.average`.
 
         Returns:
-            Without ``output``, a dict ``{tensor name: numpy array}``; with it, the output
-            path.
+            A dict ``{tensor name: numpy array}``.
 
         Raises:
             EmptyInputError: the directory holds no snapshot.
@@ -232,38 +240,20 @@ class SnapshotDir:
         paths = self.paths()
         if not paths:
             raise EmptyInputError(f"{str(self._path)!r} holds no snapshot to average")
-        if output is not None:
-            return _merge(paths, output, schedule, int_policy)
-        from polyak._average import average, weights
-
-        # polyak.average never reads a weight-0 snapshot's data but checks its structure,
+        # polyak.average never reads an unused snapshot's data but checks its structure,
         # shapes and dtypes: give it those from the file header, as zero-memory broadcast
-        # views, so that tail(k) over a long run loads k files, not all of them. The first
-        # and the newest are loaded whatever their weight (the "first"/"last" int policies).
-        w = weights(schedule, len(paths))
-        last = len(paths) - 1
-        trees = [
-            st.load(path) if w[i] != 0 or i in (0, last) else _header_only(path)
-            for i, path in enumerate(paths)
-        ]
-        return average(trees, schedule, int_policy=int_policy)
+        # views, so that tail(k) over a long run loads k files, not all of them.
+        read = set(inputs_to_read([weights(schedule, len(paths))], int_policy).any)
+        trees = [st.load(p) if i in read else _header_only(p) for i, p in enumerate(paths)]
+        return average(trees, schedule, int_policy=int_policy, accumulate_dtype=accumulate_dtype)
 
     def __repr__(self) -> str:
         return f"SnapshotDir({str(self._path)!r}, keep={self._keep!r})"
 
 
-def _merge(paths: list[Path], output: Any, schedule: Any, int_policy: str) -> Path:
-    from polyak import safetensors as st
-
-    st.merge(paths, output, schedule, int_policy=int_policy)
-    return Path(output)
-
-
 def _header_only(path: Path) -> dict[str, Any]:
     """The tensors of ``path`` with their dtypes and shapes but no data (read-only views of
     one zero), for snapshots whose data an average does not read."""
-    import numpy as np
-
     from polyak import safetensors as st
 
     with st.Checkpoint(path) as ck:

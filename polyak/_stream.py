@@ -23,7 +23,9 @@ from typing import Protocol
 import numpy as np
 
 from polyak import _kernel
+from polyak._accumulate import WeightedSum, inputs_to_read
 from polyak._errors import DtypeError, EmptyInputError, StructureError, WeightsError
+from polyak._types import IntPolicy
 
 __all__ = [
     "Reader",
@@ -31,8 +33,11 @@ __all__ = [
     "TensorPlan",
     "plan",
     "run",
-    "buffer_bytes",
-    "int_inputs",
+    "Routing",
+    "route",
+    "bytes_to_read",
+    "BufferSpec",
+    "buffer_spec",
     "SPAN_BYTES",
     "CHUNK_ELEMENTS",
 ]
@@ -89,8 +94,8 @@ def plan(
     readers: Sequence[Reader],
     labels: Sequence[str],
     *,
-    out_dtype: np.dtype | None = None,
-    int_policy: str = "last",
+    dtype: np.dtype | None = None,
+    int_policy: IntPolicy = "last",
     accumulate_dtype: np.dtype | str | None = None,
 ) -> list[TensorPlan]:
     """Check that all inputs match the first and say how each tensor will be merged.
@@ -98,7 +103,7 @@ def plan(
     Args:
         readers: the inputs, oldest first.
         labels: a name for each input, used in error messages (its path).
-        out_dtype: cast float tensors to this dtype (None keeps the input dtype).
+        dtype: cast float tensors to this output dtype (None keeps the input dtype).
         int_policy: as in :func:`polyak.average`; ``"error"`` fails here, before any data.
         accumulate_dtype: raise the accumulation precision (e.g. ``"float64"``).
 
@@ -117,6 +122,21 @@ def plan(
     ref = readers[0]
     names = list(ref.keys())
     ref_info = {name: ref.info(name) for name in names}
+    _check_structure(readers, labels, names, ref_info)
+    where = f"{labels[0]}: tensor "
+    return [
+        _tensor_plan(name, *ref_info[name], where, dtype, int_policy, accumulate_dtype)
+        for name in names
+    ]
+
+
+def _check_structure(
+    readers: Sequence[Reader],
+    labels: Sequence[str],
+    names: list[str],
+    ref_info: dict[str, tuple[np.dtype, tuple[int, ...]]],
+) -> None:
+    """Raise StructureError listing how each input differs from the first, if any does."""
     problems: list[str] = []
     for label, reader in zip(labels[1:], readers[1:], strict=True):
         keys = list(reader.keys())
@@ -127,12 +147,12 @@ def plan(
         for name in names:
             if name in missing:
                 continue
-            dtype, shape = reader.info(name)
+            got_dtype, shape = reader.info(name)
             rdtype, rshape = ref_info[name]
             if tuple(shape) != tuple(rshape):
                 shapes.append(f"{name!r} {tuple(shape)} != {tuple(rshape)}")
-            if np.dtype(dtype) != np.dtype(rdtype):
-                dtypes.append(f"{name!r} {np.dtype(dtype)} != {np.dtype(rdtype)}")
+            if np.dtype(got_dtype) != np.dtype(rdtype):
+                dtypes.append(f"{name!r} {np.dtype(got_dtype)} != {np.dtype(rdtype)}")
         for what, items in (
             ("missing", [repr(m) for m in missing]),
             ("unexpected", [repr(e) for e in extra]),
@@ -147,23 +167,30 @@ def plan(
             + "\n  ".join(problems[:20])
             + (f"\n  ... ({len(problems) - 20} more inputs differ)" if len(problems) > 20 else "")
         )
-    plans = []
-    for name in names:
-        dtype, shape = ref_info[name]
-        dtype = np.dtype(dtype)
-        kind = _kernel.dtype_kind(dtype)
-        where = f"{labels[0]}: tensor {name!r}"
-        if kind == "int":
-            if int_policy == "error":
-                _kernel.combine_ints([np.zeros(0, dtype)], np.ones(1), "error", where)
-            plans.append(TensorPlan(name, dtype, tuple(shape), dtype, None))
-        elif kind == "float":
-            acc = _kernel.accumulator_dtype(dtype, accumulate_dtype)
-            out = np.dtype(out_dtype) if out_dtype is not None else dtype
-            plans.append(TensorPlan(name, dtype, tuple(shape), out, acc))
-        else:
-            raise DtypeError(f"{where}: dtype {dtype} cannot be averaged")
-    return plans
+
+
+def _tensor_plan(
+    name: str,
+    in_dtype: np.dtype,
+    shape: tuple[int, ...],
+    where: str,
+    dtype: np.dtype | None,
+    int_policy: IntPolicy,
+    accumulate_dtype: np.dtype | str | None,
+) -> TensorPlan:
+    """How one tensor is merged (see :func:`plan`); ``where`` prefixes its error messages."""
+    in_dtype = np.dtype(in_dtype)
+    kind = _kernel.dtype_kind(in_dtype)
+    where = f"{where}{name!r}"
+    if kind == "int":
+        if int_policy == "error":
+            _kernel.combine_ints([np.zeros(0, in_dtype)], np.ones(1), "error", where)
+        return TensorPlan(name, in_dtype, tuple(shape), in_dtype, None)
+    if kind == "float":
+        acc = _kernel.accumulator_dtype(in_dtype, accumulate_dtype)
+        out = np.dtype(dtype) if dtype is not None else in_dtype
+        return TensorPlan(name, in_dtype, tuple(shape), out, acc)
+    raise DtypeError(f"{where}: dtype {in_dtype} cannot be averaged")
 
 
 def _check_weights(weight_vectors: Sequence[np.ndarray], n: int) -> list[np.ndarray]:
@@ -180,34 +207,219 @@ def _check_weights(weight_vectors: Sequence[np.ndarray], n: int) -> list[np.ndar
     return out
 
 
-def int_inputs(weight_vectors: Sequence[np.ndarray], n: int, int_policy: str) -> list[int]:
-    """The inputs an integer/bool tensor is read from: the newest for ``"last"``, the oldest
-    for ``"first"``, and for ``"average"`` those with a nonzero weight in some vector (the
-    newest alone when there are none: it gives the dtype of the all-zero result)."""
-    if int_policy == "last":
-        return [n - 1]
-    if int_policy == "first":
-        return [0]
-    used = [i for i in range(n) if any(w[i] != 0 for w in weight_vectors)]
-    return used or [n - 1]
+# -- routing: which input feeds which output, with which coefficient ---------------------------
+@dataclass(frozen=True)
+class Routing:
+    """Who reads what, decided once from the weights (the rule :func:`polyak.average` uses).
+
+    Attributes:
+        divisors: per output, the one division applied at the end (see
+            :func:`polyak._kernel.split_weights`).
+        feeds: per input, the ``(output, coefficient)`` pairs it is added to, oldest input
+            first, nonzero coefficients only.
+        used: the inputs float tensors are read from (0 in every vector: never read).
+        int_read: the inputs integer tensors are read from.
+        int_weights: per output, the weights of ``int_read``.
+    """
+
+    divisors: tuple[float, ...]
+    feeds: tuple[tuple[tuple[int, float], ...], ...]
+    used: tuple[int, ...]
+    int_read: tuple[int, ...]
+    int_weights: tuple[np.ndarray, ...]
 
 
-def _sub_elements(plans: Sequence[TensorPlan], chunk_elements: int) -> int:
-    return max(1, min(chunk_elements, max((p.size for p in plans), default=1)))
+def route(weight_vectors: Sequence[np.ndarray], int_policy: IntPolicy) -> Routing:
+    """The :class:`Routing` of float64 weight vectors of equal length (one per output)."""
+    # Exactly as polyak.average: rational weights become small integer coefficients and one
+    # division at the end.
+    split = [_kernel.split_weights(w) for w in weight_vectors]
+    # The one read rule (polyak.average's): float tensors read the inputs some output weighs,
+    # integer tensors only those the int policy looks at (the newest for "last").
+    reads = inputs_to_read([c for c, _ in split], int_policy)
+    return Routing(
+        divisors=tuple(d for _, d in split),
+        feeds=tuple(
+            tuple((k, float(c[i])) for k, (c, _) in enumerate(split) if c[i] != 0)
+            for i in range(len(weight_vectors[0]))
+        ),
+        used=tuple(reads.floats),
+        int_read=tuple(reads.ints),
+        int_weights=tuple(w[reads.ints] for w in weight_vectors),
+    )
 
 
-def buffer_bytes(
-    plans: Sequence[TensorPlan], n_inputs: int, n_outputs: int, chunk_elements: int
+def bytes_to_read(plans: Sequence[TensorPlan], routing: Routing) -> int:
+    """Input bytes a run with ``routing`` reads: float tensors from ``routing.used``, integer
+    tensors from ``routing.int_read``."""
+    total = 0
+    for p in plans:
+        count = len(routing.used) if p.acc_dtype is not None else len(routing.int_read)
+        total += p.size * p.dtype.itemsize * count
+    return total
+
+
+# -- buffers: sized once, by one function, for the plan's estimate and the run -----------------
+@dataclass(frozen=True)
+class BufferSpec:
+    """The buffers one worker thread holds: for each read-and-accumulate step of ``elements``
+    elements, an input slice, a scratch, one accumulator per output and an output slice."""
+
+    elements: int
+    in_item: int
+    acc_item: int
+    out_item: int
+    n_outputs: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes one thread holds (integer tensors: one slice per input read, combine_ints'
+        float64 sum and its result, within the same budget)."""
+        floats = self.elements * (
+            self.in_item + self.acc_item * (1 + self.n_outputs) + self.out_item
+        )
+        ints = self.elements * (self.in_item + 8 + self.out_item) * 2
+        return max(floats, ints)
+
+
+def buffer_spec(plans: Sequence[TensorPlan], n_outputs: int, chunk_elements: int) -> BufferSpec:
+    """The :class:`BufferSpec` for merging ``plans`` into ``n_outputs`` outputs."""
+    return BufferSpec(
+        elements=max(1, min(chunk_elements, max((p.size for p in plans), default=1))),
+        in_item=max((p.dtype.itemsize for p in plans), default=0),
+        acc_item=max((p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=0),
+        out_item=max((p.out_dtype.itemsize for p in plans), default=0),
+        n_outputs=n_outputs,
+    )
+
+
+class _Buffers:
+    """One thread's buffers, allocated once as raw bytes and viewed per tensor dtype."""
+
+    def __init__(self, spec: BufferSpec) -> None:
+        m = spec.elements
+        self.x = np.empty(m * spec.in_item, np.uint8)
+        self.out = np.empty(m * spec.out_item, np.uint8)
+        self.scratch = np.empty(m * spec.acc_item, np.uint8)
+        self.accs = [np.empty(m * spec.acc_item, np.uint8) for _ in range(spec.n_outputs)]
+
+
+def _view(buf: np.ndarray, dtype: np.dtype, m: int) -> np.ndarray:
+    return buf[: m * dtype.itemsize].view(dtype)
+
+
+# -- spans: one tensor's elements [start, stop), read, folded and written ----------------------
+@dataclass(frozen=True)
+class _Stream:
+    """What every span of one run needs; each thread keeps its own buffers in ``local``."""
+
+    readers: Sequence[Reader]
+    writers: Sequence[Writer]
+    routing: Routing
+    spec: BufferSpec
+    int_policy: IntPolicy
+    last_label: str
+    local: threading.local
+
+    def buffers(self) -> _Buffers:
+        bufs = getattr(self.local, "bufs", None)
+        if bufs is None:
+            bufs = self.local.bufs = _Buffers(self.spec)
+        return bufs
+
+
+def _float_span(st: _Stream, p: TensorPlan, start: int, stop: int) -> int:
+    bufs = st.buffers()
+    route_, sub = st.routing, st.spec.elements
+    acc_dtype = np.dtype(p.acc_dtype)
+    nread = 0
+    for s in range(start, stop, sub):
+        m = min(sub, stop - s)
+        x = _view(bufs.x, p.dtype, m)
+        scratch = _view(bufs.scratch, acc_dtype, m)
+        # One sum per output over this chunk of the preallocated buffers: nothing allocated.
+        sums = [WeightedSum(_view(a, acc_dtype, m), scratch) for a in bufs.accs]
+        for i in route_.used:
+            st.readers[i].read(p.name, s, x)
+            nread += x.nbytes
+            for k, wi in route_.feeds[i]:
+                sums[k].add(x, wi)
+        for k, total in enumerate(sums):
+            # float32/float64 tensors are rounded in place, others into the output slice.
+            out = total.acc if p.out_dtype == acc_dtype else _view(bufs.out, p.out_dtype, m)
+            st.writers[k].write(p.name, s, total.result(out=out, divisor=route_.divisors[k]))
+    return nread
+
+
+def _int_span(st: _Stream, p: TensorPlan, start: int, stop: int) -> int:
+    int_read = st.routing.int_read
+    # One slice per input read, so the slices shrink as N grows and memory stays bounded.
+    step = max(1, st.spec.elements // len(int_read))
+    where = f"{st.last_label}: tensor {p.name!r}"
+    nread = 0
+    for s in range(start, stop, step):
+        m = min(step, stop - s)
+        xs = []
+        for i in int_read:
+            x = np.empty(m, p.dtype)
+            st.readers[i].read(p.name, s, x)
+            nread += x.nbytes
+            xs.append(x)
+        for k, w in enumerate(st.routing.int_weights):
+            out = _kernel.combine_ints(xs, w, st.int_policy, where)
+            st.writers[k].write(p.name, s, np.asarray(out, p.out_dtype))
+    return nread
+
+
+Span = Callable[[_Stream, TensorPlan, int, int], int]
+
+
+def _work_items(
+    plans: Sequence[TensorPlan], sub: int, span_bytes: int
+) -> list[tuple[Span, TensorPlan, int, int]]:
+    """Every tensor cut into spans of about ``span_bytes`` input bytes (whole steps)."""
+    items = []
+    for p in plans:
+        if p.size == 0:
+            continue
+        span = max(sub, span_bytes // p.dtype.itemsize // sub * sub)
+        fn = _float_span if p.acc_dtype is not None else _int_span
+        for start in range(0, p.size, span):
+            items.append((fn, p, start, min(p.size, start + span)))
+    return items
+
+
+# -- executor ----------------------------------------------------------------------------------
+def _execute(
+    st: _Stream,
+    items: Sequence[tuple[Span, TensorPlan, int, int]],
+    threads: int,
+    progress: Callable[[int], None] | None,
 ) -> int:
-    """Bytes of buffers one thread holds: an input slice, a scratch, an accumulator and an
-    output slice per output (ints: one slice per input, within the same budget)."""
-    sub = _sub_elements(plans, chunk_elements)
-    acc_item = max((p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=0)
-    in_item = max((p.dtype.itemsize for p in plans), default=0)
-    out_item = max((p.out_dtype.itemsize for p in plans), default=0)
-    floats = sub * (in_item + acc_item * (1 + n_outputs) + out_item)
-    ints = sub * (in_item + 8 + out_item) * 2  # combine_ints' float64 sum and its result
-    return max(floats, ints)
+    """Run the work items (in the calling thread when ``threads <= 1``); the bytes read."""
+    total = 0
+    if threads <= 1:
+        for fn, p, start, stop in items:
+            got = fn(st, p, start, stop)
+            total += got
+            if progress is not None:
+                progress(got)
+        return total
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-merge") as pool:
+        pending = {pool.submit(fn, st, p, start, stop) for fn, p, start, stop in items}
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    got = fut.result()  # re-raises a worker's exception here
+                    total += got
+                    if progress is not None:
+                        progress(got)
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+    return total
 
 
 def run(
@@ -216,7 +428,7 @@ def run(
     weight_vectors: Sequence[np.ndarray],
     plans: Sequence[TensorPlan],
     *,
-    int_policy: str = "last",
+    int_policy: IntPolicy = "last",
     threads: int = 1,
     chunk_elements: int = CHUNK_ELEMENTS,
     span_bytes: int = SPAN_BYTES,
@@ -230,8 +442,8 @@ def run(
         writers: one per weight vector, laid out for ``plans``.
         weight_vectors: float64 weights (already normalised as wanted), one per writer. An
             input whose weight is 0 in every vector is never read, as in
-            :func:`polyak.average`; integer tensors read only the inputs of
-            :func:`int_inputs`.
+            :func:`polyak.average`; integer tensors read only the inputs the int policy
+            looks at (:func:`polyak._accumulate.inputs_to_read`).
         plans: from :func:`plan`.
         int_policy: as in :func:`polyak.average`.
         threads: worker threads (1 runs in the calling thread).
@@ -248,116 +460,13 @@ def run(
     ws = _check_weights(weight_vectors, n)
     if len(writers) != len(ws):
         raise ValueError(f"{len(writers)} writers for {len(ws)} weight vectors")
-    labels = list(labels) if labels is not None else [f"input {i}" for i in range(n)]
-    # Exactly as polyak.average: rational weights become small integer coefficients and one
-    # division at the end; inputs whose coefficient is 0 are never read.
-    split = [_kernel.split_weights(w) for w in ws]
-    divisors = [d for _, d in split]
-    # Per output, the inputs it reads, and per input, the outputs it feeds.
-    active = [[(i, float(c[i])) for i in range(n) if c[i] != 0] for c, _ in split]
-    feeds: list[list[tuple[int, float, bool]]] = [[] for _ in range(n)]
-    for k, act in enumerate(active):
-        for j, (i, wi) in enumerate(act):
-            feeds[i].append((k, wi, j == 0))
-    used_inputs = [i for i in range(n) if feeds[i]]
-    sub = _sub_elements(plans, chunk_elements)
-    local = threading.local()
-
-    def buffers() -> dict[str, np.ndarray]:
-        bufs = getattr(local, "bufs", None)
-        if bufs is None:
-            acc_item = max(
-                (p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=8
-            )
-            in_item = max((p.dtype.itemsize for p in plans), default=8)
-            out_item = max((p.out_dtype.itemsize for p in plans), default=8)
-            bufs = {
-                "in": np.empty(sub * in_item, np.uint8),
-                "out": np.empty(sub * out_item, np.uint8),
-                "scratch": np.empty(sub * acc_item, np.uint8),
-                "acc": [np.empty(sub * acc_item, np.uint8) for _ in ws],
-            }
-            local.bufs = bufs
-        return bufs
-
-    def float_span(p: TensorPlan, start: int, stop: int) -> int:
-        bufs = buffers()
-        acc_dtype = np.dtype(p.acc_dtype)
-        nread = 0
-        for s in range(start, stop, sub):
-            m = min(sub, stop - s)
-            x = bufs["in"][: m * p.dtype.itemsize].view(p.dtype)
-            scratch = bufs["scratch"][: m * acc_dtype.itemsize].view(acc_dtype)
-            accs = [a[: m * acc_dtype.itemsize].view(acc_dtype) for a in bufs["acc"]]
-            for i in used_inputs:
-                readers[i].read(p.name, s, x)
-                nread += x.nbytes
-                for k, wi, first in feeds[i]:
-                    _kernel.accumulate(accs[k], x, wi, scratch, first=first)
-            for k, acc in enumerate(accs):
-                if not active[k]:
-                    acc[...] = 0
-                if p.out_dtype == acc_dtype:
-                    _kernel.finalize(acc, acc, divisors[k])
-                    writers[k].write(p.name, s, acc)
-                else:
-                    out = bufs["out"][: m * p.out_dtype.itemsize].view(p.out_dtype)
-                    _kernel.finalize(acc, out, divisors[k])
-                    writers[k].write(p.name, s, out)
-        return nread
-
-    # Integer tensors read only the inputs the policy looks at (the newest for "last"), as
-    # polyak.average's result depends on no other; the weights follow the inputs read.
-    int_read = int_inputs(ws, n, int_policy)
-    int_ws = [w[int_read] for w in ws]
-
-    def int_span(p: TensorPlan, start: int, stop: int) -> int:
-        # One slice per input read, so the slices shrink as N grows and memory stays bounded.
-        step = max(1, sub // len(int_read))
-        where = f"{labels[-1]}: tensor {p.name!r}"
-        nread = 0
-        for s in range(start, stop, step):
-            m = min(step, stop - s)
-            xs = []
-            for i in int_read:
-                x = np.empty(m, p.dtype)
-                readers[i].read(p.name, s, x)
-                nread += x.nbytes
-                xs.append(x)
-            for k, w in enumerate(int_ws):
-                out = _kernel.combine_ints(xs, w, int_policy, where)
-                writers[k].write(p.name, s, np.asarray(out, p.out_dtype))
-        return nread
-
-    items = []
-    for p in plans:
-        if p.size == 0:
-            continue
-        span = max(sub, span_bytes // p.dtype.itemsize // sub * sub)
-        fn = float_span if p.acc_dtype is not None else int_span
-        for start in range(0, p.size, span):
-            items.append((fn, p, start, min(p.size, start + span)))
-
-    total = 0
-    if threads <= 1:
-        for fn, p, start, stop in items:
-            got = fn(p, start, stop)
-            total += got
-            if progress is not None:
-                progress(got)
-        return total
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="polyak-merge") as pool:
-        pending = {pool.submit(fn, p, start, stop) for fn, p, start, stop in items}
-        try:
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    got = fut.result()  # re-raises a worker's exception here
-                    total += got
-                    if progress is not None:
-                        progress(got)
-        except BaseException:
-            for fut in pending:
-                fut.cancel()
-            raise
-    return total
+    st = _Stream(
+        readers=readers,
+        writers=writers,
+        routing=route(ws, int_policy),
+        spec=buffer_spec(plans, len(ws), chunk_elements),
+        int_policy=int_policy,
+        last_label=labels[-1] if labels is not None else f"input {n - 1}",
+        local=threading.local(),
+    )
+    return _execute(st, _work_items(plans, st.spec.elements, span_bytes), threads, progress)

@@ -17,8 +17,8 @@ def flatten(tree: Any) -> tuple[list[Any], list[optree.PyTreeAccessor], optree.P
     return leaves, accessors, spec
 
 
-def where(accessor: optree.PyTreeAccessor, root: str = "params_list[0]") -> str:
-    """A leaf's location as code: ``params_list[3]['dense']['kernel']``."""
+def where(accessor: optree.PyTreeAccessor, root: str = "snapshots[0]") -> str:
+    """A leaf's location as code: ``snapshots[3]['dense']['kernel']``."""
     return accessor.codify(root)
 
 

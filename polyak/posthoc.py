@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from polyak._deprecation import renamed
 from polyak._errors import EmptyInputError, PolyakError, ScheduleError, WeightsError
 from polyak.schedules import power, sigma_rel_to_gamma
 
@@ -104,10 +105,11 @@ def _profile_dot(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndar
     return scale * (m / t_a) ** (g_a + 1.0) * (m / t_b) ** (g_b + 1.0) / m
 
 
+@renamed(target_sigma_rel="sigma_rel", target_t="t")
 def solve(
     snapshots: Sequence[tuple[float, float]],
-    target_sigma_rel: float | Sequence[float],
-    target_t: float | None = None,
+    sigma_rel: float | Sequence[float],
+    t: float | None = None,
 ) -> np.ndarray:
     """Coefficients that best reconstruct a power EMA of another length from saved ones.
 
@@ -120,21 +122,22 @@ def solve(
         snapshots: The saved averages as ``(t, gamma)`` pairs: the step at which each was
             saved and the exponent of its power EMA (> -0.5, which every ``sigma_rel`` in
             range gives). No pair may appear twice.
-        target_sigma_rel: Relative standard deviation of the wanted average's profile, in
-            ``(0, 0.2887)``; a sequence gives several targets at once.
-        target_t: Step at which the wanted average is taken; defaults to the largest ``t``
-            among the snapshots, and may not exceed it (the profile there would cover
-            training steps no snapshot has seen).
+        sigma_rel: Relative standard deviation of the wanted average's profile, in
+            ``(0, 0.2887)``; a sequence gives several targets at once. (Formerly
+            ``target_sigma_rel``, deprecated.)
+        t: Step at which the wanted average is taken; defaults to the largest ``t`` among
+            the snapshots, and may not exceed it (the profile there would cover training
+            steps no snapshot has seen). (Formerly ``target_t``, deprecated.)
 
     Returns:
-        For a single ``target_sigma_rel``, an array of shape ``(len(snapshots),)``; for a
-        sequence of them, shape ``(len(snapshots), len(target_sigma_rel))``, one column per
-        target. Each column sums to 1.
+        For a single ``sigma_rel``, an array of shape ``(len(snapshots),)``; for a sequence
+        of them, shape ``(len(snapshots), len(sigma_rel))``, one column per target. Each
+        column sums to 1.
 
     Raises:
-        EmptyInputError: ``snapshots`` or ``target_sigma_rel`` is empty.
+        EmptyInputError: ``snapshots`` or ``sigma_rel`` is empty.
         ScheduleError: a ``t``/``gamma``/``sigma_rel`` out of range, a duplicated snapshot, or
-            ``target_t`` beyond the last snapshot.
+            ``t`` beyond the last snapshot.
         WeightsError: the snapshots cannot reproduce the target (the fitted coefficients sum
             to zero or are not finite).
 
@@ -146,37 +149,17 @@ def solve(
         array([0., 0., 0., 1.])
     """
     t_in, g_in = _check_snapshots(snapshots)
-    single = isinstance(target_sigma_rel, numbers.Real) or (
-        isinstance(target_sigma_rel, np.ndarray) and target_sigma_rel.ndim == 0
-    )
-    if isinstance(target_sigma_rel, (str, bytes)) or (
-        not single and not isinstance(target_sigma_rel, Iterable)
-    ):
-        raise ScheduleError(
-            "target_sigma_rel must be a number or a sequence of numbers, got "
-            f"target_sigma_rel={target_sigma_rel!r:.100}"
-        )
-    if isinstance(target_sigma_rel, numbers.Real):
-        sigmas = [target_sigma_rel]
-    elif single:  # a 0-d array
-        sigmas = [float(target_sigma_rel)]  # type: ignore[arg-type]
-    else:
-        sigmas = list(target_sigma_rel)  # type: ignore[arg-type]
-    if not sigmas:
-        raise EmptyInputError("target_sigma_rel is an empty sequence: give at least one value")
-    g_out = np.array(
-        [sigma_rel_to_gamma(s) for s in sigmas],
-        dtype=np.float64,
-    )
+    sigmas, single = _targets(sigma_rel)
+    g_out = np.array([sigma_rel_to_gamma(s) for s in sigmas], dtype=np.float64)
     last = float(t_in.max())
-    if target_t is None:
+    if t is None:
         t_target = last
     else:
-        t_target, _ = _check_t_gamma(target_t, 0.0, "target_t", "gamma")
+        t_target, _ = _check_t_gamma(t, 0.0, "t", "gamma")
         if t_target > last:
             raise ScheduleError(
-                f"target_t={target_t} is after the last snapshot (t={last:g}); the average "
-                "there would need training weights that no snapshot has seen"
+                f"t={t} is after the last snapshot (t={last:g}); the average there would "
+                "need training weights that no snapshot has seen"
             )
     t_out = np.full_like(g_out, t_target)
 
@@ -205,6 +188,27 @@ def solve(
         )
     coef = coef / total
     return coef[:, 0] if single else coef
+
+
+def _targets(sigma_rel: Any) -> tuple[list[Any], bool]:
+    """The target ``sigma_rel`` values as a list, and whether a single number was given."""
+    single = isinstance(sigma_rel, numbers.Real) or (
+        isinstance(sigma_rel, np.ndarray) and sigma_rel.ndim == 0
+    )
+    if isinstance(sigma_rel, (str, bytes)) or (not single and not isinstance(sigma_rel, Iterable)):
+        raise ScheduleError(
+            "sigma_rel must be a number or a sequence of numbers, got "
+            f"sigma_rel={sigma_rel!r:.100}"
+        )
+    if isinstance(sigma_rel, numbers.Real):
+        sigmas = [sigma_rel]
+    elif single:  # a 0-d array
+        sigmas = [float(sigma_rel)]
+    else:
+        sigmas = list(sigma_rel)
+    if not sigmas:
+        raise EmptyInputError("sigma_rel is an empty sequence: give at least one value")
+    return sigmas, single
 
 
 def _check_t_gamma(t: object, gamma: object, t_name: str, g_name: str) -> tuple[float, float]:
@@ -467,7 +471,7 @@ def reconstruct(
         91.8
     """
     from polyak import safetensors as st
-    from polyak._snapshots import _STEP_KEY
+    from polyak._snapshots import STEP_KEY
 
     single = isinstance(sigma_rel, numbers.Real)
     outputs = [output] if single else output
@@ -487,7 +491,7 @@ def reconstruct(
     base = {
         k: v
         for k, v in (st.read_metadata(found[0][0]) or {}).items()
-        if k not in (T_KEY, GAMMA_KEY, _STEP_KEY)
+        if k not in (T_KEY, GAMMA_KEY, STEP_KEY)
     }
     metadata = [
         {

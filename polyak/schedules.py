@@ -310,7 +310,8 @@ def ema(decay: float) -> Schedule:
     """The classic exponential moving average, started from the first snapshot.
 
     ``avg_1 = x_1``, then ``avg_t = decay * avg_{t-1} + (1 - decay) * x_t``: the EMA of torch
-    ``AveragedModel(get_ema_avg_fn(decay))``, timm ``ModelEmaV2`` and Keras ``use_ema``,
+    ``AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))``, timm ``ModelEmaV2``
+    and Keras ``use_ema``,
     with no bias correction. The first snapshot weighs ``decay**(n-1)``, snapshot ``k >= 2``
     weighs ``(1 - decay) * decay**(n-k)``.
 
@@ -382,30 +383,30 @@ def tail(k: int | None = None, *, fraction: float | None = None) -> Schedule:
 def swa(start: int) -> Schedule:
     """Stochastic Weight Averaging: uniform over snapshots with 0-based index >= ``start``.
 
-    Online, snapshots before ``start`` are tracked as they come (the average is the newest
-    one, as torch's SWA model before ``swa_start``); from ``start`` on it is the running
-    mean. Offline, ``weights(n)`` needs ``n > start``.
+    Before ``start`` the average tracks the newest snapshot, as torch's SWA model does
+    before ``swa_start``: for ``n <= start``, ``weights(n)`` is all on the newest, which is
+    what folding ``decay(t)`` gives online. From ``start`` on it is the running mean.
 
     Args:
         start: 0-based index of the first snapshot to average.
 
     Raises:
-        ScheduleError: ``start`` is not a non-negative integer, or (from ``weights``)
-            ``n <= start``.
+        ScheduleError: ``start`` is not a non-negative integer.
 
     Example:
         >>> swa(2).weights(4)
         array([0. , 0. , 0.5, 0.5])
+        >>> swa(2).weights(2)  # not started yet: the newest snapshot
+        array([0., 1.])
     """
     s = _integer("start", start, low=0, factory="swa")
 
     def weights(n: int) -> np.ndarray:
-        if n <= s:
-            raise ScheduleError(
-                f"swa(start={s}) averages snapshots from index {s} on, but only n={n} were given"
-            )
         w = np.zeros(n)
-        w[s:] = 1.0 / (n - s)
+        if n <= s:
+            w[-1] = 1.0
+        else:
+            w[s:] = 1.0 / (n - s)
         return w
 
     def decay(t: int) -> float:

@@ -122,8 +122,3 @@ def fold(schedule, n):
         w[: t - 1] *= d
         w[t - 1] = 1.0 - d
     return w
-
-
-def valid_n(schedule, n):
-    """swa(start) needs n > start offline."""
-    return schedule.name != "swa" or n > schedule.params["start"]

@@ -68,7 +68,8 @@ def runnable_shell(code: str) -> bool:
 
 def needs(code: str) -> list[str]:
     """Optional frameworks a block imports (the test skips when one is missing)."""
-    mods = re.findall(r"^\s*(?:import|from)\s+(torch|jax|keras)\b", code, re.M)
+    frameworks = r"(torch|jax|keras|lightning|transformers)"
+    mods = re.findall(r"^\s*(?:import|from)\s+" + frameworks + r"\b", code, re.M)
     return sorted(set(mods))
 
 

@@ -5,8 +5,9 @@ scikit-learn, matplotlib, Sphinx...). So the docs pages and the README run again
 subprocess where every package that only an extra of ``pyproject.toml`` installs is hidden:
 importing one raises ``ModuleNotFoundError``, as it would for a user. The ``polyak`` commands
 the pages run hide them too (through a ``sitecustomize`` on their ``PYTHONPATH``). PyTorch,
-JAX and Keras stay importable: a block that imports one is for that framework's users, and
-test_docs skips such a block where the framework is missing.
+JAX and Keras (and the trainers polyak has callbacks for: Lightning, Hugging Face Transformers
+with the accelerate it needs) stay importable: a block that imports one is for that
+framework's users, and test_docs skips such a block where the framework is missing.
 """
 
 from __future__ import annotations
@@ -32,25 +33,57 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-FRAMEWORKS = ("torch", "jax", "keras")
+FRAMEWORKS = ("torch", "jax", "keras", "lightning", "transformers", "accelerate")
 
 HIDE = '''
-import json, os, sys
+import importlib.metadata, importlib.util, json, os, re, sys
 
 HIDDEN = set(json.loads(os.environ["POLYAK_DOCS_HIDDEN"]))
+HIDDEN_DISTS = set(json.loads(os.environ["POLYAK_DOCS_HIDDEN_DISTS"]))
+
+
+def hidden_dist(name):
+    return re.sub(r"[-_.]+", "-", name).lower() in HIDDEN_DISTS
+
+
+class Hidden:
+    """A meta-path finder that makes the packages `pip install .` does not install unimportable.
+
+    Not a None in sys.modules: some libraries test `"sphinx" in sys.modules` to decide whether
+    Sphinx is running (scipy's docstring scraper does, under Lightning's torchmetrics).
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDDEN:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
 
 
 def install():
-    """Make the packages that `pip install .` does not install unimportable, as for a user.
-
-    A None in sys.modules makes `import name` raise ModuleNotFoundError and
-    importlib.util.find_spec(name) answer None, as for a package that is not there.
-    """
     for name in list(sys.modules):
         if name.split(".")[0] in HIDDEN:
             del sys.modules[name]
-    for name in HIDDEN:
-        sys.modules[name] = None
+    sys.meta_path.insert(0, Hidden())
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, package=None):
+        # as for a package that is not there: None, not an exception
+        if name.split(".")[0] in HIDDEN:
+            return None
+        return real_find_spec(name, package)
+
+    importlib.util.find_spec = find_spec
+    # Libraries ask the installed metadata too (Lightning's RequirementCache does, for
+    # matplotlib): the hidden distributions are not installed for them either.
+    for attr in ("version", "distribution", "metadata", "requires"):
+        real = getattr(importlib.metadata, attr)
+
+        def missing(name, _real=real):
+            if hidden_dist(name):
+                raise importlib.metadata.PackageNotFoundError(name)
+            return _real(name)
+
+        setattr(importlib.metadata, attr, missing)
 '''
 
 RUNNER = """
@@ -133,7 +166,7 @@ def test_getting_started_lists_the_core_dependencies() -> None:
 
 @pytest.mark.slow
 def test_docs_examples_run_with_the_core_dependencies_only(tmp_path: Path) -> None:
-    _, modules = hidden_modules()
+    dists, modules = hidden_modules()
     hide_dir = tmp_path / "hide"
     hide_dir.mkdir()
     (hide_dir / "hide.py").write_text(textwrap.dedent(HIDE))
@@ -143,6 +176,7 @@ def test_docs_examples_run_with_the_core_dependencies_only(tmp_path: Path) -> No
     env = {
         **os.environ,
         "POLYAK_DOCS_HIDDEN": json.dumps(sorted(modules)),
+        "POLYAK_DOCS_HIDDEN_DISTS": json.dumps(sorted(dists)),
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(

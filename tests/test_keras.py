@@ -264,6 +264,27 @@ def test_weight_zero_files_are_not_read(trained, tmp_path):
     assert_lists_equal(weights_of([result])[0], expected)
 
 
+def test_accumulate_dtype_reaches_every_averaging_api(trained, tmp_path, live_loads):
+    before = weights_of(trained)
+    wide = polyak.average(before, "linear", accumulate_dtype="float64")
+    narrow = polyak.average(before, "linear")
+    # float64 accumulation rounds differently somewhere, so ignoring it would show.
+    assert any(not np.array_equal(a, b) for a, b in zip(wide, narrow))
+    got = pk.average_weights(trained, "linear", accumulate_dtype="float64")
+    assert_lists_equal(got, wide)
+    model = pk.average_models(trained, "linear", accumulate_dtype="float64")
+    assert_lists_equal(weights_of([model])[0], wide)
+    paths = save_all(trained, tmp_path, ".keras")
+    model = pk.average_files(paths, "linear", accumulate_dtype="float64")
+    assert_lists_equal(weights_of([model])[0], wide)
+    loads = live_loads["loads"]
+    with pytest.raises(polyak.DtypeError, match="accumulate_dtype"):
+        pk.average_files(paths, "linear", accumulate_dtype="int32")
+    assert live_loads["loads"] == loads  # refused before any file is read
+    with pytest.raises(polyak.DtypeError, match="accumulate_dtype"):
+        pk.average_weights(trained, accumulate_dtype="foo")
+
+
 def test_average_files_errors(trained, tmp_path):
     paths = save_all(trained[:2], tmp_path, ".keras")
     with pytest.raises(polyak.EmptyInputError):
@@ -423,6 +444,23 @@ def test_callback_average_equals_average_of_its_snapshots(data, tmp_path, schedu
     assert_lists_equal(callback.average, swapped)
 
 
+def test_callback_accumulate_dtype(data, tmp_path):
+    callback = pk.WeightAveraging(
+        "linear", snapshot_dir=tmp_path, accumulate_dtype="float64", swap_on_end=False
+    )
+    model, _ = fit_with(callback, data, epochs=4)
+    snapshots, _ = read_snapshots(tmp_path, model)
+    wide = polyak.average(snapshots, "linear", accumulate_dtype="float64")
+    # The float32 online fold and a float64 one round differently somewhere: the callback
+    # must have used float64, and equal a float64 batch average to float64 rounding.
+    for got, want in zip(callback.average, wide):
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=0)
+    narrow = pk.WeightAveraging("linear", snapshot_dir=tmp_path / "n", swap_on_end=False)
+    fit_with(narrow, data, epochs=4)
+    with pytest.raises(polyak.DtypeError, match="accumulate_dtype"):
+        pk.WeightAveraging("equal", accumulate_dtype="int32")
+
+
 def test_callback_every_batch(data, tmp_path):
     callback = pk.WeightAveraging(
         schedules.ema(0.5), start_epoch=1, every="batch", snapshot_dir=tmp_path
@@ -500,12 +538,17 @@ def test_callback_is_a_keras_callback():
     assert "WeightAveraging" in pk.__all__
 
 
-def test_importing_the_adapter_does_not_import_keras():
+def test_importing_polyak_does_not_import_keras_but_the_adapter_does():
+    # As safetensors.torch imports torch: polyak.keras is the Keras adapter, loaded eagerly
+    # once the user asks for it; the core stays framework-free.
     import subprocess
     import sys
 
-    code = "import sys, polyak, polyak.keras; print('keras' in sys.modules)"
+    code = (
+        "import sys, polyak; print('keras' in sys.modules); "
+        "import polyak.keras; print('keras' in sys.modules)"
+    )
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "True"]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from strategies import online_schedules, tree_lists
 
 import polyak
-from polyak import _online
+from polyak import online as _online
 from polyak import schedules as S
 from polyak._errors import (
     DtypeError,
@@ -268,22 +268,22 @@ def test_torch_frozen_parameters_are_averaged():
 
 
 def test_torch_float8_fold_on_accelerators():
-    # Accelerators (acc not on the CPU) take _fold_torch_device_cast; its code is device
+    # Accelerators (acc not on the CPU) take TorchBackend.fold_device_cast; its code is device
     # agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
     # make every float8 update on a GPU fail.
     torch = pytest.importorskip("torch")
-    from polyak import _online_leaves
+    from polyak import _backend
 
     for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.bfloat16, torch.float16):
         x = torch.tensor([0.5, -1.0, 2.0, 0.25]).to(dtype)
         acc = torch.tensor([1.0, 1.0, -3.0, 0.0])
         expected = 0.75 * acc.double() + 0.25 * x.double()
-        _online_leaves._fold_torch_device_cast(acc, x, 0.75, 0.25)
+        _backend.get(acc).fold_device_cast(acc, x, 0.75)
         assert acc.dtype == torch.float32
         torch.testing.assert_close(acc.double(), expected)
     # int leaves averaged with int_policy="average" (a float64 accumulator)
     acc = torch.zeros(3, dtype=torch.float64)
-    _online_leaves._fold_torch_device_cast(acc, torch.tensor([1, 2, 3]), 0.5, 0.5)
+    _backend.get(acc).fold_device_cast(acc, torch.tensor([1, 2, 3]), 0.5)
     torch.testing.assert_close(acc, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
 
 
@@ -453,7 +453,7 @@ def test_resume_torch_is_bit_for_bit(via, tmp_path):
         resumed.load_state_dict(first.state_dict())
     else:
         first.save(tmp_path / "avg.safetensors")
-        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors", like=snaps[0])
         # before any update, the average is readable as numpy, keyed by name
         assert set(resumed.value) == set(snaps[0])
     for snap in snaps[6:]:
@@ -487,7 +487,7 @@ def test_resume_jax_is_bit_for_bit(via, tmp_path):
         resumed.load_state_dict(first.state_dict())
     else:
         first.save(tmp_path / "avg.safetensors")
-        resumed = polyak.Averager.load(tmp_path / "avg.safetensors")
+        resumed = polyak.Averager.load(tmp_path / "avg.safetensors", like=snaps[0])
     for snap in snaps[5:]:
         resumed.update(snap)
     a, b = straight.value, resumed.value
@@ -554,11 +554,11 @@ def test_loaded_average_must_match_the_params(tmp_path):
     avg = polyak.Averager()
     avg.update({"a": np.ones(2), "b": np.ones(3)})
     avg.save(tmp_path / "a.safetensors")
-    resumed = polyak.Averager.load(tmp_path / "a.safetensors")
+    path = tmp_path / "a.safetensors"
     with pytest.raises(StructureError, match=r"missing \['b'\].*unexpected \['c'\]"):
-        resumed.update({"a": np.ones(2), "c": np.ones(3)})
-    with pytest.raises(ShapeError, match=r"params\['b'\]: shape \(4,\)"):
-        resumed.update({"a": np.ones(2), "b": np.ones(4)})
+        polyak.Averager.load(path, like={"a": np.ones(2), "c": np.ones(3)})
+    with pytest.raises(ShapeError, match=r"like\['b'\]: shape \(4,\)"):
+        polyak.Averager.load(path, like={"a": np.ones(2), "b": np.ones(4)})
 
 
 # ---- refusals and bad input --------------------------------------------------------------------
@@ -707,3 +707,53 @@ def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_averager_accumulate_dtype_raises_the_precision():
+    x = [np.array([1.0 + 2**-23], np.float32), np.array([1.0], np.float32)]
+    plain, wide = (
+        polyak.Averager(S.ema(1 - 1e-8)),
+        polyak.Averager(S.ema(1 - 1e-8), accumulate_dtype="float64"),
+    )
+    for avg in (plain, wide):
+        for snap in x:
+            avg.update({"w": snap})
+    assert wide.state.average["w"].dtype == np.float64
+    assert plain.state.average["w"].dtype == np.float32
+    ref = (1 - 1e-8) * (1.0 + 2**-23) + 1e-8 * 1.0  # float64
+    assert wide.value["w"].dtype == np.float32
+    assert wide.value["w"][0] == np.float32(ref)
+    with pytest.raises(DtypeError, match="accumulate_dtype"):
+        polyak.Averager(accumulate_dtype="int32")
+
+
+def test_averager_accumulate_dtype_for_torch_leaves():
+    torch = pytest.importorskip("torch")
+    avg = polyak.Averager(S.linear(), accumulate_dtype="float64")
+    for i in range(3):
+        avg.update({"w": torch.full((2,), float(i), dtype=torch.bfloat16)})
+    assert avg.state.average["w"].dtype == torch.float64
+    assert avg.value["w"].dtype == torch.bfloat16
+    # weights 1/6, 2/6, 3/6 of 0, 1, 2: 8/6, rounded once to bf16
+    assert avg.value["w"].tolist() == [float(torch.tensor(8 / 6).to(torch.bfloat16))] * 2
+
+
+def test_load_without_like_is_numpy_by_tensor_name(tmp_path):
+    avg = polyak.Averager(S.ema(0.5), int_policy="average")
+    avg.update({"enc": {"w": np.ones(2, np.float32)}, "n": np.int64(3)})
+    avg.save(tmp_path / "a.safetensors")
+    resumed = polyak.Averager.load(tmp_path / "a.safetensors")
+    assert isinstance(resumed.state, polyak.online.OnlineState)
+    assert set(resumed.state.average) == {"enc.w", "n"}
+    resumed.update({"enc.w": np.full(2, 3.0, np.float32), "n": np.int64(6)})
+    got = resumed.value
+    np.testing.assert_array_equal(got["enc.w"], np.full(2, 2.0, np.float32))
+    assert got["n"] == 4 and got["n"].dtype == np.int64  # 4.5 rounds half to even
+    torch = pytest.importorskip("torch")
+    with pytest.raises(DtypeError, match="torch.Tensor"):  # like= is how to resume in torch
+        resumed.update({"enc.w": torch.ones(2), "n": torch.tensor(1)})
+    on_torch = polyak.Averager.load(
+        tmp_path / "a.safetensors", like={"enc": {"w": torch.ones(2)}, "n": torch.tensor(1)}
+    )
+    assert isinstance(on_torch.state.average["enc"]["w"], torch.Tensor)
+    assert on_torch.value["n"].dtype == torch.int64

@@ -126,7 +126,7 @@ def test_solve_recovers_a_stored_average_exactly():
     expected = np.zeros(len(snaps))
     expected[snaps.index((2000, sigma_rel_to_gamma(0.10)))] = 1.0
     np.testing.assert_allclose(coef, expected, atol=1e-9)
-    coef = posthoc.solve(snaps, 0.05, target_t=1000)
+    coef = posthoc.solve(snaps, 0.05, t=1000)
     expected = np.zeros(len(snaps))
     expected[snaps.index((1000, sigma_rel_to_gamma(0.05)))] = 1.0
     np.testing.assert_allclose(coef, expected, atol=1e-9)
@@ -144,13 +144,13 @@ def test_solve_shapes_and_columns_sum_to_one():
     assert posthoc.solve(snaps, (0.08,)).shape == (len(snaps), 1)
 
 
-def test_solve_target_sigma_rel_types():
+def test_solve_sigma_rel_types():
     snaps = _snapshots(every=500)
     one = posthoc.solve(snaps, 0.08)
     np.testing.assert_array_equal(posthoc.solve(snaps, np.array(0.08)), one)
     np.testing.assert_array_equal(posthoc.solve(snaps, np.array([0.08]))[:, 0], one)
     for bad in (None, "0.08", b"0.08", object()):
-        with pytest.raises(ScheduleError, match="target_sigma_rel must be a number"):
+        with pytest.raises(ScheduleError, match="sigma_rel must be a number"):
             posthoc.solve(snaps, bad)
 
 
@@ -204,7 +204,7 @@ def test_solve_bad_input_names_what_is_wrong():
     snaps = _snapshots(every=1000)
     with pytest.raises(EmptyInputError, match="snapshots"):
         posthoc.solve([], 0.08)
-    with pytest.raises(EmptyInputError, match="target_sigma_rel"):
+    with pytest.raises(EmptyInputError, match="sigma_rel is an empty sequence"):
         posthoc.solve(snaps, [])
     with pytest.raises(ScheduleError, match="sigma_rel"):
         posthoc.solve(snaps, 0.3)
@@ -218,10 +218,10 @@ def test_solve_bad_input_names_what_is_wrong():
         posthoc.solve([(10, 1.0), (20, -0.6)], 0.08)
     with pytest.raises(ScheduleError, match=r"snapshots\[2\].*snapshots\[0\]"):
         posthoc.solve([(10, 1.0), (20, 1.0), (10.0, 1.0)], 0.08)
-    with pytest.raises(ScheduleError, match="target_t"):
-        posthoc.solve(snaps, 0.08, target_t=2001)
-    with pytest.raises(ScheduleError, match="target_t"):
-        posthoc.solve(snaps, 0.08, target_t=0)
+    with pytest.raises(ScheduleError, match=r"\bt=2001 is after the last snapshot"):
+        posthoc.solve(snaps, 0.08, t=2001)
+    with pytest.raises(ScheduleError, match=r"\bt must be a finite number > 0"):
+        posthoc.solve(snaps, 0.08, t=0)
     with pytest.raises(ScheduleError, match="gamma"):
         posthoc.profile(10.0, -1.0, 1.0)
     assert issubclass(ScheduleError, PolyakError)
@@ -393,7 +393,7 @@ def test_reconstruct_bad_input(small_run, tmp_path):
         posthoc.reconstruct(snaps, [tmp_path / "a.safetensors"], sigma_rel=[0.05, 0.08])
     with pytest.raises(EmptyInputError, match="no snapshot"):
         posthoc.reconstruct(tmp_path / "empty", tmp_path / "a.safetensors", sigma_rel=0.08)
-    with pytest.raises(ScheduleError, match="target_t"):
+    with pytest.raises(ScheduleError, match=r"\bt=10000 is after the last snapshot"):
         posthoc.reconstruct(snaps, tmp_path / "a.safetensors", sigma_rel=0.08, t=10_000)
     with pytest.raises(ScheduleError, match="sigma_rel"):
         posthoc.reconstruct(snaps, tmp_path / "a.safetensors", sigma_rel=0.5)
@@ -443,3 +443,16 @@ def test_docstring_examples_run():
     result = doctest.testmod(posthoc, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_solve_old_keyword_names_warn_and_still_work():
+    snaps = _snapshots(every=500)
+    want = posthoc.solve(snaps, sigma_rel=0.08, t=1500)
+    with pytest.warns(DeprecationWarning, match="target_sigma_rel= is deprecated.*sigma_rel="):
+        got = posthoc.solve(snaps, target_sigma_rel=0.08, t=1500)
+    np.testing.assert_array_equal(got, want)
+    with pytest.warns(DeprecationWarning, match="target_t= is deprecated.*t="):
+        got = posthoc.solve(snaps, 0.08, target_t=1500)
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(polyak.PolyakError, match="both target_t= and t="):
+        posthoc.solve(snaps, 0.08, target_t=1500, t=1500)

@@ -90,7 +90,7 @@ def test_posthoc_dry_run_prints_coefficients_and_writes_nothing(snaps, tmp_path)
         (["--sigma-rel", "0.3"], 1, "sigma_rel"),
         (["--sigma-rel", "0.05,x"], 2, "comma-separated numbers"),
         (["--sigma-rel", "0.05,0.050"], 2, "repeats"),
-        (["--sigma-rel", "0.08", "--t", "1e6"], 1, "target_t"),
+        (["--sigma-rel", "0.08", "--t", "1e6"], 1, "is after the last snapshot"),
     ],
 )
 def test_posthoc_command_errors(snaps, tmp_path, args, code, message):

@@ -10,8 +10,8 @@ import sys
 import pytest
 
 import polyak.safetensors as pst
-from polyak import _stream, cli
-from polyak.safetensors import _io, _merge, _reader
+from polyak import _stream, cli, utils
+from polyak.safetensors import _io, _job, _merge, _options, _order, _parse, _reader, _results
 
 
 def test_adapter_and_cli_import_no_framework():
@@ -40,7 +40,10 @@ def test_public_names_are_documented(module, name):
         assert not missing, (name, missing)
 
 
-@pytest.mark.parametrize("module", [_io, _merge, _reader, _stream, cli, pst])
+@pytest.mark.parametrize(
+    "module",
+    [_io, _job, _merge, _options, _order, _parse, _reader, _results, _stream, cli, utils, pst],
+)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0

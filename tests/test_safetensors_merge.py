@@ -180,6 +180,53 @@ def test_merge_many_per_output_metadata(tmp_path):
         pst.merge_many(paths, outs[:1], [[1, 1]], metadata=[{"step": 3}])
 
 
+def test_merge_many_weights_take_schedules_or_vectors(tmp_path):
+    paths, trees = _write_run(str(tmp_path), 4, _mixed(np.random.default_rng(3)))
+    outs = [str(tmp_path / f"{k}.safetensors") for k in ("lin", "ema", "vec", "eq", "fn")]
+    entries = ["linear", schedules.ema(0.5), [1.0, 0.0, 2.0, 1.0], None, lambda n: [1] * n]
+    reports = pst.merge_many(paths, outs, entries, chunk_elements=97, threads=2)
+    for out, entry, report in zip(outs, entries, reports, strict=True):
+        # A schedule gives the weights polyak.average gives it, bit for bit.
+        _assert_bitwise(pst.load(out), polyak.average(trees, entry))
+        assert report.weights == tuple(polyak.weights(entry, 4))
+    records = [json.loads(safetensors_numpy.safe_open(o, "np").metadata()["polyak"]) for o in outs]
+    assert records[0]["schedule"] == {"name": "linear", "params": {}}
+    assert records[1]["schedule"] == {"name": "ema", "params": {"decay": 0.5}}
+    assert records[2]["schedule"] == {"name": "explicit"}  # a vector has no schedule of its own
+    assert records[3]["schedule"] == {"name": "equal", "params": {}}
+    names = [r.schedule for r in reports[:4]]
+    assert names == ["linear()", "ema(decay=0.5)", "explicit", "equal()"]
+    # schedules= still names the record, over the entry's own schedule.
+    pst.merge_many(paths, outs[:1], ["linear"], schedules=[schedules.tail(4)])
+    meta = safetensors_numpy.safe_open(outs[0], "np").metadata()
+    assert json.loads(meta["polyak"])["schedule"]["name"] == "tail"
+    # normalize=False applies to schedules as to vectors.
+    pst.merge_many(paths, outs[:1], [schedules.explicit([0, 0, 2, 0])], normalize=False)
+    _assert_bitwise(pst.load(outs[0]), polyak.average(trees, [0, 0, 2, 0], normalize=False))
+    with pytest.raises(polyak.WeightsError, match="3 weights but 4 checkpoints"):
+        pst.merge_many(paths, outs[:1], [schedules.explicit([1, 2, 3])])
+    with pytest.raises(polyak.ScheduleError):
+        pst.merge_many(paths, outs[:1], ["no such schedule"])
+    with pytest.raises(polyak.WeightsError, match="weight vector 0 has 2 weights"):
+        pst.plan_merge(paths, outs[:1], [[1, 2]])
+    plan = pst.plan_merge(paths, outs[:2], ["linear", [0, 0, 0, 1]])
+    assert plan.weights == (tuple(polyak.weights("linear", 4)), (0.0, 0.0, 0.0, 1.0))
+
+
+def test_weight_vectors_is_a_deprecated_alias_of_weights(tmp_path):
+    paths, trees = _write_run(str(tmp_path), 3, lambda i: {"w": np.full(5, i, np.float32)})
+    out = str(tmp_path / "m.safetensors")
+    with pytest.warns(DeprecationWarning, match="weight_vectors= is deprecated.*use weights="):
+        (report,) = pst.merge_many(paths, [out], weight_vectors=[[1, 0, 1]])
+    assert report.weights == (0.5, 0.0, 0.5)
+    _assert_bitwise(pst.load(out), polyak.average(trees, [1, 0, 1]))
+    with pytest.warns(DeprecationWarning, match="plan_merge"):
+        plan = pst.plan_merge(paths, [out], weight_vectors=["linear"])
+    assert plan.weights == (tuple(polyak.weights("linear", 3)),)
+    with pytest.raises(polyak.PolyakError, match="both weight_vectors= and weights="):
+        pst.merge_many(paths, [out], weights=[[1, 1, 1]], weight_vectors=[[1, 1, 1]])
+
+
 def _sharded_run(folder, n, rng):
     """n sharded checkpoints written with the official library, HF layout."""
     paths, trees = [], []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from strategies import builtin_schedules, fold, online_schedules, valid_n
+from strategies import builtin_schedules, fold, online_schedules
 
 import polyak
 from polyak import schedules as S
@@ -14,15 +14,11 @@ from polyak import schedules as S
 
 @given(online_schedules(), st.integers(1, 60))
 def test_online_fold_reproduces_offline_weights(schedule, n):
-    if not valid_n(schedule, n):
-        return
     np.testing.assert_allclose(fold(schedule, n), schedule.weights(n), rtol=1e-10, atol=1e-14)
 
 
 @given(builtin_schedules(), st.integers(1, 60))
 def test_builtin_weights_are_normalized(schedule, n):
-    if not valid_n(schedule, n):
-        return
     w = schedule.weights(n)
     assert w.dtype == np.float64 and w.shape == (n,)
     assert np.all(np.isfinite(w)) and np.all(w >= 0)
@@ -86,10 +82,43 @@ def test_tail_and_swa():
     assert not S.tail(3).online
     with pytest.raises(polyak.NoOnlineFormError, match="SnapshotDir"):
         S.tail(3).decay(2)
-    with pytest.raises(polyak.ScheduleError, match=r"swa\(start=3\).*n=3"):
-        S.swa(3).weights(3)
+    # Before start, offline as online: all the weight on the newest snapshot.
+    np.testing.assert_array_equal(S.swa(3).weights(3), [0.0, 0.0, 1.0])
+    np.testing.assert_array_equal(S.swa(3).weights(1), [1.0])
     # Online, before start the average is the newest snapshot (decay 0).
     assert [S.swa(2).decay(t) for t in (1, 2, 3, 4, 5)] == [0.0, 0.0, 0.0, 0.5, 2 / 3]
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        S.equal(),
+        S.linear(),
+        S.exponential(3.0),
+        S.ema(0.8),
+        S.polynomial(2.0),
+        S.power(sigma_rel=0.1),
+        S.ema_warmup(0.99),
+        *[S.swa(start) for start in range(8)],
+    ],
+    ids=repr,
+)
+def test_fold_equals_weights_for_every_n(schedule):
+    # SWA included for n <= start (item 7 of issue 10: it used to raise offline).
+    for n in range(1, 25):
+        np.testing.assert_allclose(fold(schedule, n), schedule.weights(n), rtol=1e-12, atol=0)
+
+
+def test_swa_before_start_online_equals_offline():
+    xs = [{"w": np.array([float(i), -2.0 * i])} for i in range(1, 6)]
+    for start in range(7):
+        for n in range(1, len(xs) + 1):
+            avg = polyak.Averager(S.swa(start))
+            for x in xs[:n]:
+                avg.update(x)
+            np.testing.assert_allclose(
+                avg.value["w"], polyak.average(xs[:n], S.swa(start))["w"], rtol=1e-15
+            )
 
 
 def test_sigma_rel_matches_edm2_examples():

@@ -159,7 +159,7 @@ def test_integer_leaves_follow_int_policy():
     assert int(res.params["step"]) == 30
     res = soup.greedy(cands, lambda p: 1.0, int_policy="average")
     assert int(res.params["step"]) == 20 and res.params["step"].dtype == cands[0]["step"].dtype
-    with pytest.raises(DtypeError, match=r"candidates\[0\]\['step'\]"):
+    with pytest.raises(DtypeError, match=r"snapshots\[0\]\['step'\]"):
         soup.greedy(cands, lambda p: 1.0, int_policy="error")
     with pytest.raises(PolyakError, match="int_policy"):
         soup.greedy(cands, lambda p: 1.0, int_policy="median")
@@ -198,6 +198,32 @@ def test_torch_candidates_stay_torch():
     members_ref = np.mean([cands[i]["w"].detach().double().numpy() for i in res.members], axis=0)
     np.testing.assert_allclose(res.params["w"].numpy(), members_ref, rtol=1e-6, atol=1e-7)
     assert int(res.params["n"]) == res.members[0]
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_a_complex_leaf_never_pairs_with_a_real_one(library):
+    # Drift fix: the array-API path called complex leaves "float", so a torch complex64
+    # leaf was summed into a float32 one (and its imaginary part dropped) without an error.
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        real, cplx = torch.ones(3), torch.ones(3, dtype=torch.complex64)
+    else:
+        real, cplx = np.ones(3, np.float32), np.ones(3, np.complex64)
+    calls = []
+    with pytest.raises(DtypeError, match=r"snapshots\[1\]\['w'\].*complex"):
+        soup.greedy([{"w": real}, {"w": cplx}], lambda p: calls.append(p) or 1.0)
+    assert calls == [{"w": real}]  # refused before the mismatched snapshot is scored
+
+
+def test_torch_int_average_saturates_at_the_dtype_range():
+    # Drift fix: the exact mean of int64 maxima is the maximum, but in float64 it is 2**63,
+    # which torch's cast wraps to the minimum; the numpy path clips, and so must this one.
+    torch = pytest.importorskip("torch")
+    hi, lo = 2**63 - 1, -(2**63)
+    cands = [{"w": torch.ones(2), "n": torch.tensor([hi, lo, 5])} for _ in range(3)]
+    res = soup.greedy(cands, lambda p: 1.0, int_policy="average")
+    assert res.params["n"].dtype == torch.int64
+    assert res.params["n"].tolist() == [hi, lo, 5]
 
 
 def test_jax_candidates_without_x64_warn_nothing():
@@ -273,17 +299,17 @@ def test_bad_accumulate_dtype_is_refused_before_any_evaluation(library, bad):
 
 def test_bad_input_names_the_candidate_and_leaf(tmp_path):
     good = {"a": np.zeros(3), "b": {"c": np.ones(2)}}
-    with pytest.raises(EmptyInputError, match="candidates"):
+    with pytest.raises(EmptyInputError, match="snapshots"):
         soup.greedy([], lambda p: 1.0)
-    with pytest.raises(StructureError, match=r"candidates\[1\].*\['b'\]\['d'\]"):
+    with pytest.raises(StructureError, match=r"snapshots\[1\].*\['b'\]\['d'\]"):
         soup.greedy([good, {"a": np.zeros(3), "b": {"d": np.ones(2)}}], lambda p: 1.0)
-    with pytest.raises(ShapeError, match=r"candidates\[2\]\['b'\]\['c'\].*\(3,\)"):
+    with pytest.raises(ShapeError, match=r"snapshots\[2\]\['b'\]\['c'\].*\(3,\)"):
         soup.greedy([good, good, {"a": np.zeros(3), "b": {"c": np.ones(3)}}], lambda p: 1.0)
-    with pytest.raises(DtypeError, match=r"candidates\[1\]\['a'\]"):
+    with pytest.raises(DtypeError, match=r"snapshots\[1\]\['a'\]"):
         soup.greedy([good, {"a": np.zeros(3, int), "b": {"c": np.ones(2)}}], lambda p: 1.0)
-    with pytest.raises(PolyakError, match=r"evaluate\(candidates\[0\]\).*'oops'"):
+    with pytest.raises(PolyakError, match=r"evaluate\(snapshots\[0\]\).*'oops'"):
         soup.greedy([good], lambda p: "oops")
-    with pytest.raises(PolyakError, match=r"evaluate\(soup \+ candidates\[1\]\)"):
+    with pytest.raises(PolyakError, match=r"evaluate\(soup \+ snapshots\[1\]\)"):
         soup.greedy([good, good], lambda p: 1.0 if p is good else None)
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(PolyakError, match="nope.safetensors"):
@@ -339,3 +365,38 @@ def test_docstring_examples_run():
     result = doctest.testmod(soup, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_the_old_candidates_keyword_warns_and_still_works():
+    snaps = [{"w": np.array([1.0])}, {"w": np.array([3.0])}, {"w": np.array([99.0])}]
+    score = lambda p: 10.0 - abs(float(p["w"][0]) - 2.0)  # noqa: E731
+    want = soup.greedy(snaps, score)
+    with pytest.warns(DeprecationWarning, match="candidates= is deprecated.*snapshots="):
+        got = soup.greedy(candidates=snaps, evaluate=score)
+    assert got.members == want.members == [0, 1] and got.scores == want.scores
+    np.testing.assert_array_equal(got.params["w"], want.params["w"])
+
+
+def test_the_load_seam_reads_any_kind_of_snapshot():
+    # Snapshots given by name, loaded by a user function one at a time, twice each.
+    store = {
+        "a": {"w": np.array([1.0])},
+        "b": {"w": np.array([3.0])},
+        "c": {"w": np.array([99.0])},
+    }
+    calls = []
+
+    def load(name):
+        calls.append(name)
+        return store[name]
+
+    res = soup.greedy(["a", "b", "c"], lambda p: -abs(float(p["w"][0]) - 2.0), load=load)
+    assert res.members == [0, 1] and res.params["w"].tolist() == [2.0]
+    assert sorted(calls) == ["a", "a", "b", "b", "c", "c"]
+    with pytest.raises(ShapeError, match=r"runs\[1\]\['w'\]"):
+        soup.greedy(
+            ["a", "b"],
+            lambda p: 1.0,
+            load=lambda n: store[n] if n == "a" else {"w": np.ones(2)},
+            name="runs",
+        )

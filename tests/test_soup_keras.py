@@ -115,3 +115,14 @@ def test_keras_greedy_soup_bad_input(fine_tuned, tmp_path):
         path = tmp_path / "w.weights.h5"
         models[0].save_weights(str(path))
         polyak.keras.greedy_soup([path, path], accuracy)
+
+
+def test_keras_greedy_soup_accumulate_dtype(fine_tuned):
+    models, accuracy = fine_tuned
+    result = polyak.keras.greedy_soup(models, accuracy, accumulate_dtype="float64")
+    members = [models[i].get_weights() for i in result.members]
+    want = polyak.average(members, accumulate_dtype="float64")
+    for got, ref in zip(result.params.get_weights(), want, strict=True):
+        np.testing.assert_array_equal(got, ref)
+    with pytest.raises(polyak.DtypeError, match="accumulate_dtype"):
+        polyak.keras.greedy_soup(models, accuracy, accumulate_dtype="int8")

@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if step == args.steps // 2:
                 # What a restarted job does: save, then resume from the file. The resumed
                 # average continues bit for bit as if nothing had happened.
-                averager.save(os.path.join(tmp, "ema.safetensors"))
-                averager = polyak.Averager.load(os.path.join(tmp, "ema.safetensors"))
+                path = os.path.join(tmp, "ema.safetensors")
+                averager.save(path)
+                averager = polyak.Averager.load(path, like=model.state_dict())
 
     ema_model = copy.deepcopy(model)
     ema_model.load_state_dict(averager.value)

@@ -7,11 +7,11 @@ tensor so that memory stays bounded whatever the model's size.
 Example:
     >>> import numpy as np, os, tempfile
     >>> import polyak.safetensors as pst
-    >>> d = tempfile.mkdtemp()
-    >>> paths = [os.path.join(d, f"ckpt_{i}.safetensors") for i in range(4)]
-    >>> for i, p in enumerate(paths):
-    ...     pst.save({"w": np.full(3, float(i), np.float32)}, p)
-    >>> pst.merge(paths, os.path.join(d, "avg.safetensors")).weights
+    >>> run = tempfile.mkdtemp()
+    >>> for step in (100, 200, 300, 400):
+    ...     pst.save({"w": np.full(3, step / 100, np.float32)}, f"{run}/step_{step}.safetensors")
+    >>> ckpts = [os.path.join(run, c) for c in sorted(os.listdir(run))]  # in natural order
+    >>> pst.merge(ckpts, os.path.join(run, "avg.safetensors")).weights
     (0.25, 0.25, 0.25, 0.25)
 """
 
@@ -22,15 +22,10 @@ from polyak.safetensors._errors import (
     OutputWriteError,
 )
 from polyak.safetensors._io import load, read_metadata, save
-from polyak.safetensors._merge import (
-    MergePlan,
-    MergeReport,
-    OrderWarning,
-    merge,
-    merge_many,
-    plan_merge,
-)
+from polyak.safetensors._merge import merge, merge_many, plan_merge
+from polyak.safetensors._order import OrderWarning
 from polyak.safetensors._reader import Checkpoint
+from polyak.safetensors._results import MergePlan, MergeReport
 
 __all__ = [
     "load",

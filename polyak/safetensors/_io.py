@@ -13,7 +13,7 @@ import optree
 from polyak._errors import DtypeError, StructureError
 from polyak.safetensors._errors import HeaderError
 from polyak.safetensors._format import dtype_code
-from polyak.safetensors._merge import _shard_size
+from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._writer import CheckpointWriter
 
@@ -82,7 +82,7 @@ def save(
         >>> sorted(load(p))
         ['dense.kernel']
     """
-    shard_bytes = _shard_size(max_shard_size, [path])
+    shard_bytes = shard_size(max_shard_size, [path])
     if metadata is not None and not (
         isinstance(metadata, Mapping)
         and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())

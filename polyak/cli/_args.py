@@ -1,0 +1,230 @@
+"""Argument helpers shared by the ``polyak`` subcommands: schedules, progress, tables.
+
+The schedule flags (``--decay``, ``--last``, ...) come from one table, so that every
+subcommand taking a schedule accepts the same flags with the same help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "CliError",
+    "add_schedule_arguments",
+    "schedule_from_args",
+    "add_progress_arguments",
+    "wants_progress",
+    "parse_numbers",
+    "weights_table",
+]
+
+# flag -> (keyword of polyak.schedules.get, type, help)
+_SCHEDULE_PARAMS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--alpha": ("alpha", float, "exponential: each older checkpoint weighs exp(-1/ALPHA) of "
+                "the next (default 2)"),
+    "--decay": ("decay", float, "ema, ema_warmup: weight of the old average at each step"),
+    "--last": ("k", int, "tail: average only the last K checkpoints"),
+    "--fraction": ("fraction", float, "tail: average only the last FRACTION of checkpoints"),
+    "--start": ("start", int, "swa: 0-based index of the first checkpoint to average"),
+    "--eta": ("eta", float, "polynomial: decay(t) = 1 - (ETA + 1) / (t + ETA)"),
+    "--gamma": ("gamma", float, "power: EDM2 power-function EMA exponent"),
+    "--sigma-rel": ("sigma_rel", float, "power: relative EMA width, instead of --gamma"),
+    "--inv-gamma": ("inv_gamma", float, "ema_warmup: inverse multiplicative warmup factor"),
+    "--power": ("power", float, "ema_warmup: warmup exponent"),
+    "--min-decay": ("min_decay", float, "ema_warmup: smallest decay"),
+}  # fmt: skip
+# A parameter given without --schedule picks the schedule it belongs to.
+_IMPLIED = {
+    "k": "tail",
+    "fraction": "tail",
+    "decay": "ema",
+    "alpha": "exponential",
+    "start": "swa",
+    "eta": "polynomial",
+    "gamma": "power",
+    "sigma_rel": "power",
+}
+
+
+class CliError(Exception):
+    """A usage problem found after parsing (printed as ``polyak: error: ...``)."""
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool = False) -> None:
+    """Add ``--schedule`` (or a positional SCHEDULE), its parameters and ``--weights``.
+
+    The parameter flags (``--decay``, ``--last``, ...) come from one table shared by every
+    subcommand; :func:`schedule_from_args` turns the parsed values into a schedule.
+
+    Args:
+        parser: the (sub)command parser to extend, in a group titled "schedule".
+        positional: take the schedule name as an optional positional argument (``polyak
+            weights ema``) instead of ``-s/--schedule``.
+
+    Raises:
+        argparse.ArgumentError: ``parser`` already has one of these flags.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p)
+        >>> schedule_from_args(p.parse_args(["--decay", "0.9"]))
+        ema(decay=0.9)
+    """
+    group = parser.add_argument_group("schedule")
+    if positional:
+        group.add_argument(
+            "schedule", nargs="?", default=None,
+            help="schedule name (equal, linear, exponential, ema, tail, swa, polynomial, power, "
+            "ema_warmup) or comma-separated weights; default equal",
+        )  # fmt: skip
+    else:
+        group.add_argument(
+            "-s", "--schedule", default=None,
+            help="schedule name: equal (default), linear, exponential, ema, tail, swa, "
+            "polynomial, power, ema_warmup",
+        )  # fmt: skip
+    for flag, (key, typ, text) in _SCHEDULE_PARAMS.items():
+        metavar = "K" if key == "k" else key.upper()
+        group.add_argument(flag, dest=f"sp_{key}", type=typ, metavar=metavar, help=text)
+    group.add_argument(
+        "--weights", default=None, metavar="W1,W2,...",
+        help="explicit weights, one per checkpoint, oldest first (instead of a schedule)",
+    )  # fmt: skip
+    group.add_argument(
+        "--no-normalize", dest="normalize", action="store_false",
+        help="use the weights as given instead of dividing them by their sum",
+    )  # fmt: skip
+
+
+def parse_numbers(text: str) -> list[float]:
+    """Comma-separated numbers (``--weights``, ``--sigma-rel``); CliError names the text."""
+    try:
+        return [float(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise CliError(f"weights must be comma-separated numbers, got {text!r}") from None
+
+
+def schedule_from_args(args: argparse.Namespace) -> Any:
+    """The schedule the arguments describe (a :class:`polyak.Schedule`).
+
+    A parameter given without a schedule name picks the schedule it belongs to (``--last 3``
+    is ``tail``); comma-separated numbers in place of a name are explicit weights.
+
+    Args:
+        args: parsed arguments of a parser set up by :func:`add_schedule_arguments`.
+
+    Returns:
+        The schedule; ``equal`` when nothing is given.
+
+    Raises:
+        CliError: ``--weights`` together with a schedule, parameters of different schedules,
+            a flag the schedule does not take, or a required one missing (naming the flags).
+        ScheduleError: a parameter value out of range (from :func:`polyak.schedules.get`).
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser()
+        >>> add_schedule_arguments(p, positional=True)
+        >>> schedule_from_args(p.parse_args(["linear"]))
+        linear()
+        >>> schedule_from_args(p.parse_args(["--last", "3"]))
+        tail(k=3)
+    """
+    from polyak import schedules
+
+    params = {
+        key: getattr(args, f"sp_{key}")
+        for key, _, _ in _SCHEDULE_PARAMS.values()
+        if getattr(args, f"sp_{key}", None) is not None
+    }
+    name = args.schedule
+    weights_text = args.weights
+    if name is not None and ("," in name or _is_number(name)):
+        weights_text, name = name, None  # `polyak weights 1,2,3`: explicit weights
+    if weights_text is not None:
+        if name is not None or params:
+            raise CliError("give either --weights or a schedule with its parameters, not both")
+        return schedules.explicit(parse_numbers(weights_text))
+    if name is None:
+        implied = {_IMPLIED[k] for k in params if k in _IMPLIED}
+        if len(implied) > 1:
+            raise CliError(
+                f"parameters {sorted(params)} belong to different schedules; pass --schedule"
+            )
+        name = implied.pop() if implied else "equal"
+    _check_schedule_params(name, params)
+    return schedules.get(name, **params)
+
+
+def _check_schedule_params(name: str, params: dict[str, Any]) -> None:
+    """Name the flags when parameters do not fit the schedule (the factory's TypeError names
+    keyword arguments, which a command-line user never typed)."""
+    import inspect
+
+    from polyak import schedules
+
+    key = name.strip().lower().replace("-", "_")
+    if key == "explicit":
+        raise CliError("for explicit weights, pass --weights W1,W2,... (one per checkpoint)")
+    if key not in schedules.names():
+        return  # schedules.get names the known ones
+    flags = {k: flag for flag, (k, _, _) in _SCHEDULE_PARAMS.items()}
+    sig = inspect.signature(getattr(schedules, key))
+    takes = [p for p in sig.parameters.values() if p.name in flags]
+    wrong = sorted(flags[k] for k in params if k not in sig.parameters)
+    if wrong:
+        accepted = ", ".join(flags[p.name] for p in takes) or "no parameters"
+        raise CliError(
+            f"{', '.join(wrong)} does not apply to schedule {key!r} (it takes {accepted})"
+        )
+    missing = [flags[p.name] for p in takes if p.default is p.empty and p.name not in params]
+    if missing:
+        raise CliError(f"schedule {key!r} needs {', '.join(missing)}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def weights_table(w: Sequence[float], labels: Sequence[str] | None = None, width: int = 40) -> str:
+    """Weights as rows of index, label, value and a text bar scaled to the largest, then
+    their sum: the table ``polyak weights``, ``merge --dry-run`` and the demo print."""
+    top = max((abs(x) for x in w), default=0.0) or 1.0
+    rows = []
+    lab = list(labels) if labels is not None else [""] * len(w)
+    lab_width = max((len(s) for s in lab), default=0)
+    for i, (x, name) in enumerate(zip(w, lab, strict=True)):
+        bar = ("#" if x >= 0 else "-") * round(abs(x) / top * width)
+        rows.append(f"  {i:>4}  {name:<{lab_width}}  {x:>10.6f}  {bar}".rstrip())
+    rows.append(f"  {'sum':>4}  {'':<{lab_width}}  {float(np.sum(w)):>10.6f}")
+    return "\n".join(rows)
+
+
+def add_progress_arguments(p: argparse.ArgumentParser) -> None:
+    """``--progress`` / ``--no-progress`` (default: a bar when stderr is a terminal)."""
+    prog = p.add_mutually_exclusive_group()
+    prog.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show a progress bar (default: when stderr is a terminal)",
+    )
+    prog.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="never show a progress bar"
+    )
+
+
+def wants_progress(args: argparse.Namespace) -> bool:
+    """``--progress``/``--no-progress`` as given, else whether stderr is a terminal."""
+    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()

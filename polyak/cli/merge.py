@@ -1,0 +1,139 @@
+"""``polyak merge``: average checkpoints on disk into one, in bounded memory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from polyak.cli._args import (
+    CliError,
+    add_progress_arguments,
+    add_schedule_arguments,
+    schedule_from_args,
+    wants_progress,
+    weights_table,
+)
+from polyak.utils import format_bytes
+
+__all__ = ["NAME", "HELP", "add_arguments", "run"]
+
+NAME = "merge"
+HELP = "average checkpoints on disk into one, in bounded memory"
+
+_EXAMPLES = """examples:
+  polyak merge run/epoch_*.safetensors -o avg.safetensors
+  polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule ema --decay 0.9 --dtype bf16
+  polyak merge a.safetensors b.safetensors -o avg.safetensors --weights 1,3 --dry-run
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``polyak merge``."""
+    p.epilog = _EXAMPLES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument(
+        "inputs", nargs="+", metavar="IN",
+        help="checkpoints (.safetensors files or sharded directories), oldest first",
+    )  # fmt: skip
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT",
+        help="output: a .safetensors file, or a directory for a sharded checkpoint",
+    )  # fmt: skip
+    add_schedule_arguments(p)
+    p.add_argument(
+        "--dtype", default=None,
+        help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
+        "(default: keep each tensor's dtype)",
+    )  # fmt: skip
+    p.add_argument(
+        "--int-policy", default="last", choices=["last", "first", "average", "error"],
+        help="integer/bool tensors: take the last (default), first, average, or fail",
+    )  # fmt: skip
+    p.add_argument(
+        "--accumulate-dtype", default=None, metavar="DTYPE",
+        help="accumulate in this dtype, e.g. float64 (default: float32, float64 for float64)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="worker threads (default: the usable cores, at most 8)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-shard-size", default=None, metavar="SIZE",
+        help="for a directory OUT: largest shard, e.g. 5GB (10**9 bytes) or 2GiB "
+        "(default: the first input's shard layout)",
+    )  # fmt: skip
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="validate the inputs and print the plan without writing anything",
+    )  # fmt: skip
+    add_progress_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``polyak merge``: print the plan (``--dry-run``) or merge and print the report."""
+    from polyak import safetensors as st
+    from polyak.safetensors._order import natural_order_problem
+
+    sched = schedule_from_args(args)
+    n = len(args.inputs)
+    if sched.name == "explicit" and len(sched.params["weights"]) != n:
+        raise CliError(
+            f"--weights gives {len(sched.params['weights'])} weights for {n} checkpoints; "
+            "give one per checkpoint, oldest first"
+        )
+    problem = natural_order_problem(args.inputs)
+    if problem:
+        print(f"polyak: warning: {problem}", file=sys.stderr)
+    common = dict(
+        normalize=args.normalize, dtype=args.dtype, int_policy=args.int_policy,
+        accumulate_dtype=args.accumulate_dtype, threads=args.threads,
+        max_shard_size=args.max_shard_size,
+    )  # fmt: skip
+    if args.dry_run:
+        plan = st.plan_merge(args.inputs, [args.output], [sched], **common)
+        _print_plan(plan, sched, args.inputs)
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", st.OrderWarning)  # printed above already
+        (report,) = st.merge_many(
+            args.inputs, [args.output], [sched], progress=wants_progress(args), **common
+        )
+    print(report)
+    return 0
+
+
+def _print_plan(plan: Any, sched: Any, inputs: Sequence[str]) -> None:
+    from polyak.safetensors._results import current_rss
+
+    kinds: dict[str, int] = {}
+    for _, dtype, _, _ in plan.tensors:
+        kinds[dtype] = kinds.get(dtype, 0) + 1
+    casts = {f"{a} -> {b}" for _, a, b, _ in plan.tensors if a != b}
+    print(f"plan: merge {len(plan.inputs)} checkpoints into {plan.outputs[0]} (dry run)")
+    print(f"  inputs: all {len(plan.inputs)} valid and matching")
+    print(
+        f"  tensors: {len(plan.tensors)} ("
+        + ", ".join(f"{c} {d}" for d, c in sorted(kinds.items()))
+        + ")"
+        + (f"; casting {', '.join(sorted(casts))}" if casts else "")
+    )
+    print(
+        f"  to read: {format_bytes(plan.bytes_to_read)}   "
+        f"to write: {format_bytes(plan.bytes_to_write[0])}"
+    )
+    print(f"  schedule: {sched!r}")
+    print("  weights (oldest first):")
+    names = [os.path.basename(os.path.normpath(p)) for p in inputs]
+    print(weights_table(plan.weights[0], names))
+    base = current_rss()
+    peak = plan.peak_memory_estimate(base)
+    print(
+        f"  peak memory: about {format_bytes(peak)} ({plan.threads} threads x "
+        f"{format_bytes(plan.buffer_bytes / plan.threads)} of buffers + {format_bytes(base)} "
+        "for Python), independent of the model size and of the number of inputs"
+    )
+    print("  nothing was written")
