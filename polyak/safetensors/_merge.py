@@ -10,16 +10,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from polyak import _stream
 from polyak._deprecation import renamed
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
-from polyak.safetensors._order import OrderWarning
+from polyak.utils import order_inputs
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
@@ -44,6 +43,7 @@ def plan_merge(
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
+    sort: Literal["natural"] | None = None,
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
 
@@ -65,6 +65,9 @@ def plan_merge(
         schedules: per output, the schedule recorded in the metadata (sizes the header).
         metadata: per output, the ``__metadata__`` to write instead of the first input's.
         chunk_elements: elements per read-and-accumulate step (sizes the buffers).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
@@ -89,6 +92,8 @@ def plan_merge(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
+    if sort is not None:  # None: the plan lists the order problem in .warnings instead
+        inputs = order_inputs(inputs, sort)
     with contextlib.ExitStack() as stack:
         job = MergeJob(
             stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
@@ -122,6 +127,7 @@ def merge_many(
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
+    sort: Literal["natural"] | None = None,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
 
@@ -150,6 +156,9 @@ def merge_many(
             (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
             is added to every output either way.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
 
     Returns:
         One :class:`MergeReport` per output.
@@ -182,6 +191,7 @@ def merge_many(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
+    inputs = order_inputs(inputs, sort, stacklevel=3)  # past @renamed, at merge_many's caller
     return _run(inputs, outputs, weights, options, progress, schedules, metadata)
 
 
@@ -200,8 +210,6 @@ def _run(
         job = MergeJob(
             stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
         )
-        for text in job.warnings:
-            warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
         writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
@@ -273,6 +281,7 @@ def merge(
     progress: Progress = None,
     max_shard_size: int | str | None = None,
     accumulate_dtype: Any = None,
+    sort: Literal["natural"] | None = None,
 ) -> MergeReport:
     """Average safetensors checkpoints on disk into one, in bounded memory.
 
@@ -298,6 +307,9 @@ def merge(
         max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
             for a directory ``output`` only.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
 
     Returns:
         A :class:`MergeReport`: tensors, bytes read and written, seconds, weights used.
@@ -328,5 +340,6 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy,
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
     )  # fmt: skip
+    inputs = order_inputs(inputs, sort)
     (report,) = _run(inputs, [output], [schedule], options, progress)
     return report
