@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from polyak.utils import natural_key
 from safetensors.numpy import load_file, save_file
 
 import polyak
 import polyak.safetensors as pst
+from polyak.utils import natural_key
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,9 +14,9 @@ from polyak import _kernel
 from polyak._accumulate import WeightedSum, inputs_to_read
 from polyak._average import average, weights
 from polyak._types import PathLike, ScheduleLike
-from polyak.utils import order_inputs
 from polyak.keras import _files
 from polyak.keras._layout import check_all, check_layout, empty_copy, layout, nonempty
+from polyak.utils import order_inputs
 
 __all__ = ["average_weights", "average_models", "average_files"]
 
@@ -194,7 +194,9 @@ def average_files(
 
     Example:
         >>> paths = glob.glob("checkpoints/epoch_*.keras")  # doctest: +SKIP
-        >>> model = polyak.keras.average_files(paths, "exponential", sort="natural")  # doctest: +SKIP
+        >>> model = polyak.keras.average_files(  # doctest: +SKIP
+        ...     paths, "exponential", sort="natural"
+        ... )
     """
     paths = [os.fspath(p) for p in order_inputs(nonempty(paths, "paths"), sort)]
     _files.check_files(paths, model is not None)

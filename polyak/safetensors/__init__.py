@@ -15,7 +15,7 @@ Example:
     (0.25, 0.25, 0.25, 0.25)
 """
 
-from polyak._errors import OrderWarning  # kept here too: polyak.OrderWarning, same class
+from polyak._errors import OrderWarning as OrderWarning  # polyak.OrderWarning, kept here too
 from polyak.safetensors._errors import (
     CheckpointError,
     HeaderError,

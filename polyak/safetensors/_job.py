@@ -18,12 +18,12 @@ from polyak._errors import EmptyInputError, PolyakError, WeightsError
 from polyak._types import PathLike, ScheduleLike
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._options import MergeOptions
-from polyak.utils import order_problem
 from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._record import output_metadata
 from polyak.safetensors._writer import CheckpointWriter, output_size
 from polyak.schedules import Schedule, explicit, resolve
+from polyak.utils import order_problem
 
 __all__ = ["MergeJob", "resolve_weights", "check_paths"]
 

@@ -18,10 +18,10 @@ from polyak._deprecation import renamed
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
-from polyak.utils import order_inputs
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
+from polyak.utils import order_inputs
 
 __all__ = ["merge", "merge_many", "plan_merge"]
 
