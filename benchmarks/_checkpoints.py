@@ -90,3 +90,18 @@ def _save_sharded(tensors: dict[str, np.ndarray], folder: str, max_bytes: int) -
     }
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
+
+
+def torch_copies(paths: list[str], folder: str) -> list[str]:
+    """The same checkpoints as ``torch.save`` zip files (``.pt``), written by torch itself;
+    one is loaded at a time."""
+    import torch
+    from safetensors.torch import load_file
+
+    os.makedirs(folder, exist_ok=True)
+    out = []
+    for p in paths:
+        dest = os.path.join(folder, os.path.basename(p).replace(".safetensors", ".pt"))
+        torch.save(load_file(p), dest)
+        out.append(dest)
+    return out

@@ -10,6 +10,8 @@ method pays for the same durable result), the input bytes, and its RSS before th
 Methods:
 
 * ``polyak``: ``polyak.safetensors.merge`` with ``threads`` worker threads.
+* ``polyak_any``: the format-neutral ``polyak.merge`` (any input kind: the torch-input case
+  gives it ``.pt`` files and the same checkpoints as safetensors).
 * ``tutorial``: load every checkpoint, ``np.average`` over the stacked tensors, save.
 * ``safe_open``: the official ``safetensors`` reader, one file at a time, accumulating
   ``w * x`` into float32 arrays.
@@ -82,6 +84,16 @@ def run_polyak(spec: dict[str, Any]) -> None:
     import polyak.safetensors as pst
 
     report = pst.merge(
+        spec["inputs"], spec["output"], list(spec["weights"]), threads=spec["threads"]
+    )
+    if not np.allclose(report.weights, spec["weights"], rtol=1e-12, atol=0):
+        raise RuntimeError(f"polyak used weights {report.weights}, not {spec['weights']}")
+
+
+def run_polyak_any(spec: dict[str, Any]) -> None:
+    import polyak
+
+    report = polyak.merge(
         spec["inputs"], spec["output"], list(spec["weights"]), threads=spec["threads"]
     )
     if not np.allclose(report.weights, spec["weights"], rtol=1e-12, atol=0):
@@ -193,6 +205,7 @@ def run_check(spec: dict[str, Any]) -> dict[str, float]:
 
 METHODS = {
     "polyak": run_polyak,
+    "polyak_any": run_polyak_any,
     "tutorial": run_tutorial,
     "safe_open": run_safe_open,
     "torch_f64": run_torch_f64,
@@ -209,10 +222,12 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
         import torch  # noqa: F401  imported before the RSS baseline, like numpy
     elif method == "polyak":
         import polyak.safetensors  # noqa: F401
+    elif method == "polyak_any":
+        import polyak.checkpoints  # noqa: F401  (no torch: .pt files are read without it)
     rss_before = current_rss_mib()
     start = time.perf_counter()
     METHODS[method](spec)
-    if method in ("polyak", "tutorial", "safe_open", "torch_f64"):
+    if method in ("polyak", "polyak_any", "tutorial", "safe_open", "torch_f64"):
         _fsync(spec["output"])
     seconds = spec.get("_seconds", time.perf_counter() - start)
     return {

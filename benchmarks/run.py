@@ -10,6 +10,8 @@ Sections (``--only`` picks some):
   float32 and bfloat16; a sharded case) merged by ``polyak.safetensors.merge`` with 1 and 2
   threads, against the tutorial recipe, the official reader with accumulation, the torch
   float64 state-dict loop, and the physical references (warm-cache read, ``np.copyto``).
+* ``torch``: the same N = 3 checkpoints (``--mib-torch``) as ``torch.save`` ``.pt`` files and
+  as safetensors, merged by ``polyak.merge``: peak RSS and throughput of torch inputs.
 * ``scaling``: peak RSS of the merge as N and the file size grow, plotted to
   ``memory_scaling.png``.
 * ``memory``: in-memory ``polyak.average`` against stacked ``np.average``
@@ -48,7 +50,7 @@ from benchmarks import _checkpoints  # noqa: E402
 from benchmarks._harness import available_memory_bytes, machine, run_child  # noqa: E402
 
 METHODS_SCRIPT = str(HERE / "_merge_methods.py")
-SECTIONS = ("merge", "scaling", "memory", "online")
+SECTIONS = ("merge", "torch", "scaling", "memory", "online")
 README = HERE.parent / "README.md"
 # The README's speed and memory claim sits between these markers; main() rewrites it from the
 # numbers of a full run, so the README never states numbers of its own.
@@ -64,11 +66,14 @@ class FileSet:
     mib: int
     dtype: str = "float32"
     shard_mib: int | None = None
+    torch: bool = False  # also as torch.save .pt files (the torch-input case)
 
     @property
     def label(self) -> str:
         shards = f", {self.shard_mib} MiB shards" if self.shard_mib else ""
-        return f"{self.mib} MiB {self.dtype}{shards}"
+        return f"{self.mib} MiB {self.dtype}{shards}" + (
+            ", .pt and safetensors" if self.torch else ""
+        )
 
 
 @dataclass
@@ -115,6 +120,18 @@ def merge_cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
+def torch_cases(args: argparse.Namespace) -> list[Case]:
+    """The torch-input case: .pt files against the same checkpoints as safetensors."""
+    return [
+        Case(
+            "f32 N=3 torch .pt",
+            FileSet(args.mib_torch, torch=True),
+            3,
+            ("polyak.merge .pt", "polyak.merge .safetensors"),
+        )
+    ]
+
+
 def estimate_peak(method: str, case: Case) -> int:
     """Rough peak memory in bytes, to skip a baseline that cannot fit (never polyak)."""
     itemsize = _checkpoints.DTYPES[case.files.dtype].itemsize
@@ -145,6 +162,8 @@ def method_spec(method: str) -> dict[str, Any]:
         "safe_open + accumulate": {"method": "safe_open"},
         "torch float64 loop": {"method": "torch_f64"},
         "tutorial np.average": {"method": "tutorial"},
+        "polyak.merge .pt": {"method": "polyak_any", "threads": 2, "torch_inputs": True},
+        "polyak.merge .safetensors": {"method": "polyak_any", "threads": 2},
         "read (warm cache)": {"method": "read"},
         "np.copyto": {"method": "copyto"},
     }[method]
@@ -160,8 +179,12 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
     base = {"inputs": inputs, "weights": weights, "bytes": nbytes}
     rows: list[dict] = []
     outputs: dict[str, str] = {}
+    if case.files.torch:
+        torch_inputs = _checkpoints.torch_copies(inputs, os.path.join(workdir, "torch_inputs"))
     for method in ("read (warm cache)", "np.copyto", *case.methods):
         spec = {**base, **method_spec(method)}
+        if spec.pop("torch_inputs", False):
+            spec["inputs"] = torch_inputs
         row = {
             "case": case.name,
             "method": method,
@@ -227,6 +250,8 @@ def run_case(case: Case, paths: list[str], workdir: str, args: argparse.Namespac
             row["of_read"] = row["gb_per_s"] / read["gb_per_s"]
     for out in outputs.values():
         _remove(out)
+    if case.files.torch:
+        _remove(os.path.join(workdir, "torch_inputs"))
     return rows
 
 
@@ -590,6 +615,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="checkpoint size of the N=32 case (default 128, for the disk budget)",
     )
     p.add_argument(
+        "--mib-torch",
+        type=int,
+        default=256,
+        help="checkpoint size of the torch-input case (default 256: 3 x 256 MiB .pt files)",
+    )
+    p.add_argument(
         "--cases",
         default=None,
         help="comma-separated merge cases to run (default all), e.g. 'f32 N=8'",
@@ -627,7 +658,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.out is None:
         args.out = tempfile.mkdtemp(prefix="polyak-bench-quick-") if args.quick else str(HERE)
     if args.quick:
-        args.mib, args.mib_32, args.scaling_mib = 8, 2, 2
+        args.mib, args.mib_32, args.scaling_mib, args.mib_torch = 8, 2, 2, 4
         args.scaling_sizes, args.scaling_ns = "2,8", "2,8"
         args.memory_n, args.memory_mib, args.online_mb = 4, 8, 8.0
     args.scaling_ns = [int(x) for x in args.scaling_ns.split(",")]
@@ -665,6 +696,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for case in merge_cases(args):
             jobs.setdefault(case.files, []).append(("case", case))
             results["notes"] += case.notes
+    if "torch" in args.only:
+        for case in torch_cases(args):
+            jobs.setdefault(case.files, []).append(("case", case))
     if "scaling" in args.only:
         for files, n, axis in scaling_points(args):
             jobs.setdefault(files, []).append(("scaling", (n, axis)))

@@ -15,7 +15,6 @@ Run:  python3 benchmarks/torch_averager.py [--device cuda] [--rounds 30] [--quic
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import itertools
 import json

@@ -67,6 +67,7 @@ api_coverage_modules = [
     "polyak.online",
     "polyak.schedules",
     "polyak.safetensors",
+    "polyak.checkpoints",
     "polyak.keras",
     "polyak.lightning",
     "polyak.transformers",

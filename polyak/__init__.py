@@ -30,6 +30,7 @@ __all__ = [
     "Averager",
     "online",
     "SnapshotDir",  # noqa: F405  (loaded lazily by __getattr__ below)
+    "merge",  # noqa: F405  (loaded lazily by __getattr__ below)
     "schedules",
     "Schedule",
     "ScheduleLike",
@@ -43,7 +44,7 @@ __all__ = [
 
 # Adapters load on first use (``polyak.safetensors.merge``, ``polyak.keras``), so that
 # ``import polyak`` imports no framework and no file-format code.
-_LAZY_MODULES = ("safetensors", "keras", "cli", "utils")
+_LAZY_MODULES = ("safetensors", "checkpoints", "keras", "cli", "utils")
 
 
 def __getattr__(name: str):
@@ -51,10 +52,14 @@ def __getattr__(name: str):
         from polyak._snapshots import SnapshotDir
 
         return SnapshotDir
+    if name == "merge":  # the format-neutral merge: loads the checkpoint readers on first use
+        from polyak._merge import merge
+
+        return merge
     if name in _LAZY_MODULES:
         return importlib.import_module(f"polyak.{name}")
     raise AttributeError(f"module 'polyak' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"SnapshotDir", *_LAZY_MODULES})
+    return sorted(set(globals()) | {"SnapshotDir", "merge", *_LAZY_MODULES})

@@ -3,7 +3,8 @@
 Callers ask :func:`get` for a leaf's backend and call its methods; they never test which
 library a leaf comes from. Each backend owns
 
-* the dtype-kind rule (:meth:`Backend.kind`: float, complex, int for ints and bools, other);
+* the dtype-kind rule (:meth:`Backend.kind`: float, complex, int for ints, bools and e8m0
+  power-of-two scales, other);
 * the accumulator-dtype rule (:meth:`Backend.acc_dtype`), decided on numpy dtypes by
   :func:`polyak._kernel.accumulator_dtype` for every library, so ``accumulate_dtype`` is
   validated and honoured everywhere;
@@ -65,11 +66,19 @@ class Backend:
         return getattr(self.xp, np.dtype(dtype).name)
 
     def kind(self, dtype: Any) -> str:
-        """``"float"``, ``"complex"``, ``"int"`` (ints and bools) or ``"other"``."""
+        """``"float"``, ``"complex"``, ``"int"`` (ints, bools and ``float8_e8m0fnu`` scales,
+        which follow the int policy) or ``"other"``."""
         try:
             return _kernel.dtype_kind(self.np_dtype(dtype))
         except TypeError:
             return "other"
+
+    def is_scale(self, dtype: Any) -> bool:
+        """Whether ``dtype`` is ``float8_e8m0fnu`` (see :func:`polyak._kernel.is_scale`)."""
+        try:
+            return _kernel.is_scale(self.np_dtype(dtype))
+        except TypeError:
+            return False
 
     def acc_dtype(self, dtype: Any, requested: Any = None) -> Any:
         """The dtype a float/complex average of ``dtype`` leaves accumulates in.
@@ -189,8 +198,11 @@ class Backend:
 
     def round_clip(self, acc: Any, dtype: Any) -> Any:
         """A new ``dtype`` array of ``acc`` (a float average of int or bool leaves) rounded
-        half to even and saturated at the dtype's range (bool: nonzero)."""
+        half to even and saturated at the dtype's range (bool: nonzero; e8m0 scales: the
+        mean cast back as is, as :func:`polyak._kernel.combine_ints` does)."""
         xp = self.xp
+        if self.is_scale(dtype):
+            return xp.astype(acc, dtype)
         rounded = xp.round(acc)  # the array API rounds half to even
         if dtype == xp.bool:
             return rounded != 0
@@ -288,6 +300,8 @@ class NumpyBackend(Backend):
 
     def cast(self, acc: Any, dtype: Any) -> Any:
         if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
+            if self.is_scale(dtype):
+                return acc.astype(dtype)
             rounded = np.rint(acc)  # half to even
             if np.dtype(dtype).kind == "b":
                 return rounded != 0
@@ -317,6 +331,8 @@ class TorchBackend(Backend):
     def kind(self, dtype: Any) -> str:
         if dtype.is_complex:
             return "complex"
+        if self.is_scale(dtype):
+            return "int"  # torch calls float8_e8m0fnu floating point; polyak's rule does not
         if dtype.is_floating_point:
             return "float"
         integral = self.dtype_name(dtype).startswith(("int", "uint", "bool"))
@@ -354,69 +370,71 @@ class TorchBackend(Backend):
     def fold_many(
         self, accs: list[Any], xs: list[Any], decay: float, workspace: dict[Any, Any]
     ) -> list[Any]:
-        """:meth:`fold` over many tensors: one multi-tensor kernel per (device, dtypes) group.
-
-        CPU accumulators wider than their snapshots (a float32 average of bf16 weights) go
-        through :meth:`fold`'s chunked cast instead, which needs no full-size temporary.
-        """
+        """:meth:`fold` over many tensors: one multi-tensor kernel per (device, dtypes) group."""
         groups: dict[tuple[Any, Any, Any], tuple[list[Any], list[Any]]] = {}
         for acc, x in zip(accs, xs):
-            if x.dtype != acc.dtype and acc.device.type == "cpu":
-                self.fold(acc, x, decay, workspace)
-                continue
             group = groups.setdefault((acc.device, acc.dtype, x.dtype), ([], []))
             group[0].append(acc)
             group[1].append(x)
         for group_accs, group_xs in groups.values():
-            self.foreach_fold(group_accs, group_xs, decay)
+            self.foreach_fold(group_accs, group_xs, decay, workspace)
         return accs
 
-    def foreach_fold(self, accs: Sequence[Any], xs: Sequence[Any], decay: float) -> None:
+    def foreach_fold(
+        self,
+        accs: Sequence[Any],
+        xs: Sequence[Any],
+        decay: float,
+        workspace: dict[Any, Any] | None = None,
+    ) -> None:
         """``acc <- decay * acc + (1 - decay) * x`` in place, for lists of tensors that share
-        one device, one accumulator dtype and one snapshot dtype: one multi-tensor kernel.
+        one device, one accumulator dtype and one snapshot dtype.
 
-        Same dtypes use ``_foreach_lerp_``, the kernel of torch's ``get_ema_multi_avg_fn``, so
-        results agree with it bit for bit; a wider accumulator uses ``_foreach_mul_`` and
-        ``_foreach_add_``, whose kernels promote as they read (no up-cast copy).
+        Same dtypes take one ``_foreach_lerp_``, the kernel of torch's
+        ``get_ema_multi_avg_fn``, so results agree with it bit for bit. A wider accumulator
+        (a float32 average of bf16 weights) on an accelerator takes ``_foreach_mul_`` and
+        ``_foreach_add_``, whose kernels promote as they read; on CPU, where the arithmetic is
+        memory-bound, each tensor is cast chunk by chunk into a small cache-resident scratch
+        and lerped from there, which moves about half the bytes of mul + add.
+        ``workspace`` keeps that scratch between calls (one per caller: not shared across
+        threads).
         """
         if not accs:
             return
-        torch = self.torch
+        torch, weight = self.torch, 1.0 - decay
         if decay == 0.0:
             torch._foreach_copy_(list(accs), list(xs))
         elif xs[0].dtype == accs[0].dtype:
-            torch._foreach_lerp_(list(accs), list(xs), 1.0 - decay)
+            torch._foreach_lerp_(list(accs), list(xs), weight)
+        elif accs[0].device.type == "cpu":
+            workspace = {} if workspace is None else workspace
+            for acc, x in zip(accs, xs):
+                self._fold_cpu_cast(acc, x, weight, workspace)
         else:
-            if xs[0].dtype.is_floating_point and xs[0].dtype.itemsize == 1:
-                xs = [x.to(accs[0].dtype) for x in xs]  # torch will not promote float8
-            torch._foreach_mul_(list(accs), decay)
-            torch._foreach_add_(list(accs), list(xs), alpha=1.0 - decay)
+            self.foreach_fold_device_cast(accs, xs, decay)
 
-    def foreach_copy(self, dst: Sequence[Any], src: Sequence[Any], *, non_blocking: bool = False) -> None:
+    def foreach_copy(
+        self, dst: Sequence[Any], src: Sequence[Any], *, non_blocking: bool = False
+    ) -> None:
         """``dst[i] <- src[i]`` in place for every i, casting dtype and moving device as needed."""
         if dst:
             self.torch._foreach_copy_(list(dst), list(src), non_blocking=non_blocking)
 
     def fold(self, acc: Any, x: Any, decay: float, workspace: dict[Any, Any]) -> Any:
-        weight = 1.0 - decay
-        if decay == 0.0:
-            acc.copy_(x)  # e.g. swa before its start: the average is the newest snapshot
-        elif x.dtype == acc.dtype:
-            acc.lerp_(x, weight)  # one fused pass
-        elif acc.device.type == "cpu":
-            self._fold_cpu_cast(acc, x, weight, workspace)
-        else:
-            self.fold_device_cast(acc, x, decay)
+        self.foreach_fold([acc], [x], decay, workspace)
         return acc
 
-    def fold_device_cast(self, acc: Any, x: Any, decay: float) -> None:
-        """The accelerator fold of a snapshot narrower than its average (bf16 into float32)."""
+    def foreach_fold_device_cast(
+        self, accs: Sequence[Any], xs: Sequence[Any], decay: float
+    ) -> None:
+        """The accelerator fold of snapshots narrower than their averages (bf16 into float32)."""
         # Accelerator kernels cast a mixed-dtype operand as they read it, so no temporary;
         # but torch refuses to promote float8 with anything ("Promotion for Float8 Types is
         # not supported"), so float8 snapshots are cast to the accumulator's dtype first.
-        if x.dtype.is_floating_point and x.dtype.itemsize == 1:
-            x = x.to(acc.dtype)
-        acc.mul_(decay).add_(x, alpha=1.0 - decay)
+        if xs[0].dtype.is_floating_point and xs[0].dtype.itemsize == 1:
+            xs = [x.to(accs[0].dtype) for x in xs]
+        self.torch._foreach_mul_(list(accs), decay)
+        self.torch._foreach_add_(list(accs), list(xs), alpha=1.0 - decay)
 
     def _fold_cpu_cast(self, acc: Any, x: Any, weight: float, workspace: dict[Any, Any]) -> None:
         # On CPU, torch casts a mixed-dtype operand (a bf16 snapshot into a float32 average)

@@ -28,6 +28,7 @@ __all__ = [
     "check_int_policy",
     "int_policy_error",
     "dtype_kind",
+    "is_scale",
 ]
 
 # 64 Ki elements: an accumulator, a scratch buffer and one input chunk (256 KiB each in
@@ -47,7 +48,6 @@ _ML_FLOATS = frozenset(
         "float8_e5m2",
         "float8_e5m2fnuz",
         "float8_e3m4",
-        "float8_e8m0fnu",
         "float6_e2m3fn",
         "float6_e3m2fn",
         "float4_e2m1fn",
@@ -61,14 +61,30 @@ _ML_INTS = frozenset(
 )
 
 
+# Power-of-two scales (MX block scales): an arithmetic mean of exponents means little, so
+# they follow int_policy like step counters; "average" casts the float64 mean back.
+_ML_SCALES = frozenset(
+    np.dtype(getattr(ml_dtypes, name)) for name in ("float8_e8m0fnu",) if hasattr(ml_dtypes, name)
+)
+
+
+def is_scale(dtype: np.dtype) -> bool:
+    """Whether ``dtype`` is a power-of-two scale type (``float8_e8m0fnu``): kind ``"int"``,
+    but an average is cast back from float64 as is, with no integer rounding or clipping."""
+    try:
+        return np.dtype(dtype) in _ML_SCALES
+    except TypeError:
+        return False
+
+
 def dtype_kind(dtype: np.dtype) -> str:
-    """``"float"``, ``"complex"``, ``"int"`` (ints and bools) or ``"other"``."""
+    """``"float"``, ``"complex"``, ``"int"`` (ints, bools, e8m0 scales) or ``"other"``."""
     dtype = np.dtype(dtype)
     if dtype.kind == "f" or dtype in _ML_FLOATS:
         return "float"
     if dtype.kind == "c":
         return "complex"
-    if dtype.kind in "iub" or dtype in _ML_INTS:
+    if dtype.kind in "iub" or dtype in _ML_INTS or dtype in _ML_SCALES:
         return "int"
     return "other"
 
@@ -220,6 +236,8 @@ def combine_ints(
     for a, w in zip(arrays, weights):
         if w != 0:
             acc += w * np.asarray(a, dtype=np.float64)
+    if is_scale(dtype):
+        return acc.astype(dtype)
     np.rint(acc, out=acc)
     if dtype.kind == "b":
         return acc != 0

@@ -21,9 +21,9 @@ import optree
 from polyak import _backend
 from polyak import _online_leaves as _leaves
 from polyak import schedules as _schedules
-from polyak._errors import EmptyInputError, PolyakError, StructureError
+from polyak._errors import EmptyInputError, PolyakError
 from polyak._kernel import check_int_policy
-from polyak._tree import flatten, where
+from polyak._tree import check_names, flatten, where
 from polyak._types import PathLike
 from polyak.online import OnlineState, init
 
@@ -181,13 +181,10 @@ def _adopt(
     """The saved accumulators in the structure, library and device of ``like``."""
     leaves, accessors, spec = flatten(like)
     names = tensor_names(like)
-    missing = sorted(set(tensors) - set(names))
-    unexpected = sorted(set(names) - set(tensors))
-    if missing or unexpected:
-        raise StructureError(
-            f"{_LIKE} does not match the saved average: missing {missing}, unexpected "
-            f"{unexpected} (names as polyak.safetensors.save gives them)"
-        )
+    check_names(
+        tensors, names, f"{_LIKE} does not match the saved average",
+        " (names as polyak.safetensors.save gives them)",
+    )  # fmt: skip
     accs, kept = [], []
     for name, leaf, accessor in zip(names, leaves, accessors):
         x = _leaves.as_array(leaf)

@@ -186,9 +186,10 @@ def _tensor_plan(
         if int_policy == "error":
             _kernel.combine_ints([np.zeros(0, in_dtype)], np.ones(1), "error", where)
         return TensorPlan(name, in_dtype, tuple(shape), in_dtype, None)
-    if kind == "float":
+    if kind in ("float", "complex"):
         acc = _kernel.accumulator_dtype(in_dtype, accumulate_dtype)
-        out = np.dtype(dtype) if dtype is not None else in_dtype
+        # dtype is a float type: complex tensors keep their own dtype.
+        out = np.dtype(dtype) if dtype is not None and kind == "float" else in_dtype
         return TensorPlan(name, in_dtype, tuple(shape), out, acc)
     raise DtypeError(f"{where}: dtype {in_dtype} cannot be averaged")
 
@@ -284,8 +285,9 @@ class BufferSpec:
 
 def buffer_spec(plans: Sequence[TensorPlan], n_outputs: int, chunk_elements: int) -> BufferSpec:
     """The :class:`BufferSpec` for merging ``plans`` into ``n_outputs`` outputs."""
+    elements = max(1, min(chunk_elements, max((p.size for p in plans), default=1)))
     return BufferSpec(
-        elements=max(1, min(chunk_elements, max((p.size for p in plans), default=1))),
+        elements=elements + elements % 2,  # even: spans of packed F4 values cover whole bytes
         in_item=max((p.dtype.itemsize for p in plans), default=0),
         acc_item=max((p.acc_dtype.itemsize for p in plans if p.acc_dtype is not None), default=0),
         out_item=max((p.out_dtype.itemsize for p in plans), default=0),

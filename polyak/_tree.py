@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 import optree
@@ -94,6 +95,15 @@ def path_mismatch(
     if not parts:
         return None
     return StructureError(f"{root} does not match {ref_root}: " + "; ".join(parts))
+
+
+def check_names(expected: Iterable[str], given: Iterable[str], what: str, hint: str = "") -> None:
+    """Raise a :class:`StructureError` that starts with ``what`` and lists, sorted, every name
+    ``given`` lacks and every one it has beyond ``expected``; nothing when the sets agree."""
+    expected, given = set(expected), set(given)
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if missing or unexpected:
+        raise StructureError(f"{what}: missing {missing}, unexpected {unexpected}{hint}")
 
 
 def _preview(root: str, paths: list[str], limit: int = 8) -> str:

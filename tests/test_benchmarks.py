@@ -75,6 +75,11 @@ def test_quick_run_writes_the_tables_and_checks_every_method(tmp_path: Path) -> 
             assert r["peak_rss_mib"] > 5 and r["gb_per_s"] > 0
         # Every method's throughput is compared with the read of the same files.
         assert mine["read (warm cache)"]["of_read"] == pytest.approx(1.0)
+    # The torch-input case: the same checkpoints as .pt and as safetensors, both checked.
+    torch_rows = {r["method"]: r for r in rows if r["case"] == "f32 N=3 torch .pt"}
+    for method in ("polyak.merge .pt", "polyak.merge .safetensors"):
+        assert 0 <= torch_rows[method]["max_abs_err"] < 1e-6, method
+        assert torch_rows[method]["peak_rss_mib"] > 5 and torch_rows[method]["gb_per_s"] > 0
     assert any(r["case"].startswith("in-memory") for r in rows)
     assert any(r["case"].startswith("online") for r in rows)
     scaling = results["scaling"]
@@ -83,4 +88,4 @@ def test_quick_run_writes_the_tables_and_checks_every_method(tmp_path: Path) -> 
     assert "| case | inputs | method | seconds |" in md and "memory_scaling.png" in md
     assert (out / "memory_scaling.png").stat().st_size > 10_000
     # Generated checkpoints are cleaned up as their cases finish.
-    assert not list(work.rglob("*.safetensors"))
+    assert not list(work.rglob("*.safetensors")) and not list(work.rglob("*.pt"))

@@ -374,7 +374,9 @@ def test_demo_stops_at_a_failing_merge(tmp_path, monkeypatch, capsys):
     def refuse(*args, **kwargs):
         raise OutputWriteError(28, "cannot write merged_equal.safetensors: no space left")
 
-    monkeypatch.setattr(pst, "merge_many", refuse)
+    import polyak.safetensors._merge as merge_module  # what polyak.merge runs the job with
+
+    monkeypatch.setattr(merge_module, "run_merge", refuse)
     assert cli.main(["demo", "--dir", str(tmp_path), "-n", "2"]) == 1
     captured = capsys.readouterr()
     assert captured.err.startswith("polyak: error: cannot write merged_equal"), captured.err

@@ -20,10 +20,9 @@ torch = pytest.importorskip("torch")
 pl = pytest.importorskip("lightning.pytorch")
 pytest.importorskip("polyak.torch")
 
-from polyak.torch import ModelAverager  # noqa: E402
-
 import polyak  # noqa: E402
 import polyak.lightning  # noqa: E402
+from polyak.torch import ModelAverager  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -19,9 +19,8 @@ pytest.importorskip("polyak.torch")
 if not torch.distributed.is_available():
     pytest.skip("this torch build has no torch.distributed", allow_module_level=True)
 
-from polyak.torch import ModelAverager  # noqa: E402
-
 import polyak  # noqa: E402
+from polyak.torch import ModelAverager  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent / "lightning_fsdp_run.py"
 ROOT = SCRIPT.parent.parent

@@ -268,8 +268,8 @@ def test_torch_frozen_parameters_are_averaged():
 
 
 def test_torch_float8_fold_on_accelerators():
-    # Accelerators (acc not on the CPU) take TorchBackend.fold_device_cast; its code is device
-    # agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
+    # Accelerators (acc not on the CPU) take TorchBackend.foreach_fold_device_cast; its code
+    # is device agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
     # make every float8 update on a GPU fail.
     torch = pytest.importorskip("torch")
     from polyak import _backend
@@ -278,12 +278,12 @@ def test_torch_float8_fold_on_accelerators():
         x = torch.tensor([0.5, -1.0, 2.0, 0.25]).to(dtype)
         acc = torch.tensor([1.0, 1.0, -3.0, 0.0])
         expected = 0.75 * acc.double() + 0.25 * x.double()
-        _backend.get(acc).fold_device_cast(acc, x, 0.75)
+        _backend.get(acc).foreach_fold_device_cast([acc], [x], 0.75)
         assert acc.dtype == torch.float32
         torch.testing.assert_close(acc.double(), expected)
     # int leaves averaged with int_policy="average" (a float64 accumulator)
     acc = torch.zeros(3, dtype=torch.float64)
-    _backend.get(acc).fold_device_cast(acc, torch.tensor([1, 2, 3]), 0.5)
+    _backend.get(acc).foreach_fold_device_cast([acc], [torch.tensor([1, 2, 3])], 0.5)
     torch.testing.assert_close(acc, torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
 
 

@@ -206,7 +206,7 @@ def test_bad_input(tmp_path):
     # a leaf safetensors cannot store: nothing is written, nothing is left behind
     snaps.save({"w": np.ones(1)}, 1)
     with pytest.raises(PolyakError, match="complex"):
-        snaps.save({"w": np.ones(1, np.complex64)}, 2)
+        snaps.save({"w": np.ones(1, np.complex128)}, 2)
     assert os.listdir(tmp_path / "snaps") == ["snapshot-0000000001.safetensors"]
     # snapshots that do not match name the offending file or tensor
     snaps.save({"w": np.ones(2)}, 3)

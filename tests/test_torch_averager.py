@@ -10,13 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import polyak  # noqa: E402
-import polyak.torch as pt  # noqa: E402
-from polyak import schedules  # noqa: E402
 from torch.optim.swa_utils import (  # noqa: E402
     AveragedModel,
     get_ema_multi_avg_fn,
 )
+
+import polyak  # noqa: E402
+import polyak.torch as pt  # noqa: E402
+from polyak import schedules  # noqa: E402
 
 
 def make_model(dtype=torch.float32) -> torch.nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from polyak.cli import demo, inspect, merge, posthoc, weights
@@ -69,10 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     from polyak._errors import PolyakError
+    from polyak.cli._args import join_number_lists
     from polyak.safetensors._errors import OutputWriteError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(join_number_lists(sys.argv[1:] if argv is None else argv))
+    # The commands report bad numbers themselves; numpy's own RuntimeWarnings (overflow in
+    # a sum, ...) would only add raw library lines to the output.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="numpy")
     try:
         code = int(args.run(args))
         sys.stdout.flush()  # here, so that a closed pipe is handled below
@@ -91,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The system refused something (permissions, a path through a file): a one-line
         # message naming the path, not a traceback.
         print(f"polyak: error: {e}", file=sys.stderr)
+        return 1
+    except (OverflowError, MemoryError) as e:
+        # A number beyond float range (--weights=1e308,1e308, --sigma-rel 1e-300) or a size
+        # beyond memory: say so in one line rather than with a traceback.
+        what = "a number is out of range" if isinstance(e, OverflowError) else "out of memory"
+        print(f"polyak: error: {what} ({e}); use smaller or less extreme values", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("polyak: interrupted; nothing was written", file=sys.stderr)

@@ -7,6 +7,7 @@ subcommand taking a schedule accepts the same flags with the same help.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,6 +22,7 @@ __all__ = [
     "wants_progress",
     "parse_numbers",
     "weights_table",
+    "join_number_lists",
 ]
 
 # flag -> (keyword of polyak.schedules.get, type, help)
@@ -104,10 +106,36 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool 
     )  # fmt: skip
 
 
+# Options whose value is a list of numbers that may start with "-": argparse would take
+# "--weights -1,2" for an unknown option "-1,2".
+NUMBER_LIST_OPTIONS = ("--weights", "--sigma-rel")
+_NUMBER_LIST = re.compile(r"-[0-9.]+([eE][-+]?[0-9]+)?(,.*)?")
+
+
+def join_number_lists(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--weights -1,2`` rewritten as ``--weights=-1,2``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in NUMBER_LIST_OPTIONS and i + 1 < len(argv):
+            if _NUMBER_LIST.fullmatch(argv[i + 1]):
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def parse_numbers(text: str) -> list[float]:
     """Comma-separated numbers (``--weights``, ``--sigma-rel``); CliError names the text."""
+    items = text.replace(" ", "").split(",")
+    if items and items[-1] == "":
+        items.pop()  # a trailing comma, as in "1,2,"
+    if not items or "" in items:
+        raise CliError(f"weights must be comma-separated numbers, got {text!r} (an empty entry)")
     try:
-        return [float(t) for t in text.replace(" ", "").split(",") if t]
+        return [float(t) for t in items]
     except ValueError:
         raise CliError(f"weights must be comma-separated numbers, got {text!r}") from None
 

@@ -24,8 +24,16 @@ __all__ = ["NAME", "HELP", "add_arguments", "run"]
 NAME = "merge"
 HELP = "average checkpoints on disk into one, in bounded memory"
 
-_EXAMPLES = """examples:
+_EXAMPLES = """inputs: safetensors files or sharded folders, torch.save files (.pt .pth .bin .ckpt
+.pth.tar), Hugging Face model folders (save_pretrained, Trainer checkpoint-N/) and
+torch.distributed.checkpoint folders, detected from their content. The output is always
+safetensors; for model folders into a folder output, the newest input's config and
+tokenizer files are copied too (never optimizer or trainer state).
+
+examples:
   polyak merge run/epoch_*.safetensors -o avg.safetensors --sort natural
+  polyak merge run/checkpoint-100 run/checkpoint-200 run/checkpoint-300 -o averaged/
+  polyak merge lightning/epoch=*.ckpt -o avg.safetensors --key state_dict --sort natural
   polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule exponential --alpha 2 --dtype bf16
   polyak merge a.safetensors b.safetensors -o avg.safetensors --weights 1,3 --dry-run
 """
@@ -37,11 +45,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "inputs", nargs="+", metavar="IN",
-        help="checkpoints (.safetensors files or sharded directories), oldest first",
+        help="checkpoints of any kind (safetensors, torch files, model folders, DCP), "
+        "oldest first",
     )  # fmt: skip
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT",
-        help="output: a .safetensors file, or a directory for a sharded checkpoint",
+        help="output: a .safetensors file, or a directory for a sharded checkpoint (torch "
+        "file names such as .pt are refused)",
+    )  # fmt: skip
+    p.add_argument(
+        "--key", default=None,
+        help="where the weights sit in a nested torch or DCP checkpoint: state_dict "
+        "(Lightning), model, state_dict_ema, ...; dotted for deeper nesting",
+    )  # fmt: skip
+    p.add_argument(
+        "--no-copy-files", dest="copy_files", action="store_false",
+        help="do not copy config and tokenizer files of model folders into the output",
     )  # fmt: skip
     p.add_argument(
         "--sort", choices=["natural"], default=None,
@@ -75,12 +94,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true",
         help="validate the inputs and print the plan without writing anything",
     )  # fmt: skip
+    p.add_argument(
+        "--force", action="store_true",
+        help="write into an existing folder that holds no previous polyak output (files "
+        "with the output's names are replaced, all others kept)",
+    )  # fmt: skip
     add_progress_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``polyak merge``: print the plan (``--dry-run``) or merge and print the report."""
+    import polyak
+    from polyak import _merge
     from polyak import safetensors as st
+    from polyak.checkpoints import ConfigWarning
     from polyak.utils import order_inputs, order_problem
 
     if args.sort:
@@ -99,17 +126,28 @@ def run(args: argparse.Namespace) -> int:
     common = dict(
         normalize=args.normalize, dtype=args.dtype, int_policy=args.int_policy,
         accumulate_dtype=args.accumulate_dtype, threads=args.threads,
-        max_shard_size=args.max_shard_size,
+        max_shard_size=args.max_shard_size, key=args.key, copy_files=args.copy_files,
     )  # fmt: skip
-    if args.dry_run:
-        plan = st.plan_merge(args.inputs, [args.output], [sched], **common)
-        _print_plan(plan, sched, args.inputs)
-        return 0
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", st.OrderWarning)  # printed above already
-        (report,) = st.merge_many(
-            args.inputs, [args.output], [sched], progress=wants_progress(args), **common
-        )
+        warnings.simplefilter("always", ConfigWarning)
+        try:
+            if args.dry_run:
+                plan, copied = _merge.plan(args.inputs, args.output, sched, **common)
+            else:
+                report = polyak.merge(
+                    args.inputs, args.output, sched, progress=wants_progress(args),
+                    force=args.force, **common,
+                )  # fmt: skip
+        finally:
+            for w in caught:
+                print(f"polyak: warning: {w.message}", file=sys.stderr)
+    if args.dry_run:
+        _print_plan(plan, sched, args.inputs)
+        if copied:
+            print(f"  would copy: {', '.join(copied)}")
+        print("  nothing was written")
+        return 0
     print(report)
     return 0
 
@@ -161,4 +199,3 @@ def _print_plan(plan: Any, sched: Any, inputs: Sequence[str]) -> None:
         f"{format_bytes(plan.buffer_bytes / plan.threads)} of buffers + {format_bytes(base)} "
         "for Python), independent of the model size and of the number of inputs"
     )
-    print("  nothing was written")

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from polyak.cli._args import add_schedule_arguments, schedule_from_args, weights_table
+from polyak.cli._args import CliError, add_schedule_arguments, schedule_from_args, weights_table
 
-__all__ = ["NAME", "HELP", "add_arguments", "run"]
+__all__ = ["NAME", "HELP", "MAX_ROWS", "add_arguments", "run"]
 
 NAME = "weights"
 HELP = "print a schedule's weights as a table with a bar chart"
+# One printed row per checkpoint: beyond this the table is unreadable, and -n 1e11 would
+# first allocate 745 GiB of weights.
+MAX_ROWS = 100_000
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``polyak weights``: print the weights of ``-n`` checkpoints, oldest first."""
+    if not 1 <= args.n <= MAX_ROWS:
+        raise CliError(f"-n must be between 1 and {MAX_ROWS:,}, got {args.n:,}")
     sched = schedule_from_args(args)
     w = sched.weights(args.n, normalize=args.normalize)
     print(f"{sched!r}, n={args.n} (oldest first):")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,14 @@ def check_paths(
         )
     if len(set(map(os.path.abspath, outs))) != len(outs):
         raise OutputError(f"the same output path is given twice: {outs}")
+    # A folder output is replaced whole: another output inside it would be swapped away.
+    resolved = sorted((os.path.abspath(o), o) for o in outs)
+    for (a, a_text), (b, b_text) in zip(resolved, resolved[1:]):
+        if b.startswith(a.rstrip(os.sep) + os.sep):
+            raise OutputError(
+                f"output {b_text!r} is inside output {a_text!r}; outputs must be distinct "
+                "paths that do not contain one another"
+            )
     return ins, outs
 
 
@@ -114,12 +122,13 @@ def _per_output(values: Sequence[Any] | None, n_outputs: int, name: str) -> list
     return list(values)
 
 
-def _protected(checkpoints: Sequence[Checkpoint], outputs: Sequence[str]) -> set[Any]:
+def _protected(checkpoints: Sequence[Any], outputs: Sequence[str]) -> set[Any]:
     """The (device, inode) of every input file, after refusing an output that is one."""
     protect = set()
     for ck in checkpoints:
         protect |= ck.identities()
-        for p in [ck.path, ck.index_path]:
+        # Readers of other kinds (torch, DCP) have no shard index.
+        for p in [ck.path, getattr(ck, "index_path", None)]:
             if p is not None:
                 st = os.stat(p)
                 protect.add((st.st_dev, st.st_ino))
@@ -142,6 +151,13 @@ class MergeJob:
         options: the validated settings.
         schedules: per output, the schedule to record instead of the entry's own.
         metadata: per output, the ``__metadata__`` to write instead of the first input's.
+        opener: opens one input path as a stream reader (``keys``, ``info``, ``read``,
+            ``identities``, ``metadata``, ``close``); default
+            :class:`~polyak.safetensors.Checkpoint`. ``polyak.merge`` passes
+            :func:`polyak.checkpoints.open_checkpoint`, so every checkpoint kind feeds the
+            same job.
+        extra_files: ``(source path, path relative to the output)`` pairs written into every
+            directory output with its weights (a model's config and tokenizer files).
     """
 
     def __init__(
@@ -154,6 +170,8 @@ class MergeJob:
         *,
         schedules: Sequence[Schedule | None] | None = None,
         metadata: Sequence[Mapping[str, str] | None] | None = None,
+        opener: Callable[[str], Any] = Checkpoint,
+        extra_files: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.options = options
         shard_size(options.max_shard_size, outputs)  # refused for .safetensors outputs only
@@ -162,7 +180,7 @@ class MergeJob:
         self.warnings = [w for w in [order_problem(self.inputs)] if w]
         n = len(self.inputs)
         self.weights, own = resolve_weights(entries, n, normalize=options.normalize)
-        self.checkpoints = [stack.enter_context(Checkpoint(p)) for p in self.inputs]
+        self.checkpoints = [stack.enter_context(opener(p)) for p in self.inputs]
         self.plans = _stream.plan(
             self.checkpoints,
             self.inputs,
@@ -172,6 +190,7 @@ class MergeJob:
         )
         self.routing = _stream.route(self.weights, options.int_policy)
         self.protect = _protected(self.checkpoints, self.outputs)
+        self.extra_files = list(extra_files)
         given = _per_output(schedules, len(self.outputs), "schedules")
         self.schedules = [g if g is not None else s for g, s in zip(given, own, strict=True)]
         self.metadata = [
@@ -207,12 +226,13 @@ class MergeJob:
         """The layout of output ``k``, as both the writer and its size estimate take it."""
         out, first = self.outputs[k], self.checkpoints[0]
         shard_bytes = self.options.shard_bytes
-        keep = not out.endswith(".safetensors") and shard_bytes is None and first.sharded
+        sharded = getattr(first, "sharded", False)  # only safetensors inputs have a layout
+        keep = not out.endswith(".safetensors") and shard_bytes is None and sharded
         return {
             "metadata": self.metadata[k],
             "layout": first.layout() if keep else None,
             "max_shard_size": shard_bytes,
-            "index_metadata": first.index_metadata,
+            "index_metadata": getattr(first, "index_metadata", None),
         }
 
     def entries(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
@@ -223,8 +243,20 @@ class MergeJob:
         """Bytes output ``k`` will take on disk (headers, metadata and index included)."""
         return output_size(self.outputs[k], self.entries(), **self._writer_args(k))
 
-    def writer(self, k: int) -> CheckpointWriter:
-        """The writer of output ``k``, laid out and refusing to write over an input."""
+    def copied(self, k: int) -> list[str]:
+        """The extra files output ``k`` receives, relative to it (none for a file output)."""
+        if self.outputs[k].endswith(".safetensors"):
+            return []
+        return [rel for _, rel in self.extra_files]
+
+    def writer(self, k: int, *, force: bool = False) -> CheckpointWriter:
+        """The writer of output ``k``, laid out and refusing to write over an input; a
+        folder output receives the extra files in the same transaction."""
         return CheckpointWriter(
-            self.outputs[k], self.entries(), protect=self.protect, **self._writer_args(k)
+            self.outputs[k],
+            self.entries(),
+            protect=self.protect,
+            force=force,
+            extra_files=self.extra_files,
+            **self._writer_args(k),
         )

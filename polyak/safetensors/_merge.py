@@ -10,20 +10,24 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 from polyak import _stream
 from polyak._deprecation import renamed
+from polyak._errors import OrderWarning
 from polyak._types import IntPolicy, PathLike, ScheduleLike
+from polyak.safetensors._errors import CheckpointError
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
+from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
 from polyak.utils import order_inputs
 
-__all__ = ["merge", "merge_many", "plan_merge"]
+__all__ = ["merge", "merge_many", "plan_merge", "run_merge", "describe", "Progress"]
 
 Progress = bool | Callable[[int, int], None] | None
 
@@ -98,17 +102,22 @@ def plan_merge(
         job = MergeJob(
             stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
         )
-        return MergePlan(
-            inputs=tuple(job.inputs),
-            outputs=tuple(job.outputs),
-            tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
-            weights=tuple(tuple(float(x) for x in w) for w in job.weights),
-            bytes_to_read=job.bytes_to_read,
-            bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
-            buffer_bytes=job.buffer_bytes,
-            threads=options.threads,
-            warnings=tuple(job.warnings),
-        )
+        return describe(job)
+
+
+def describe(job: MergeJob) -> MergePlan:
+    """The :class:`MergePlan` of an opened job (what ``plan_merge`` returns)."""
+    return MergePlan(
+        inputs=tuple(job.inputs),
+        outputs=tuple(job.outputs),
+        tensors=tuple((p.name, str(p.dtype), str(p.out_dtype), p.shape) for p in job.plans),
+        weights=tuple(tuple(float(x) for x in w) for w in job.weights),
+        bytes_to_read=job.bytes_to_read,
+        bytes_to_write=tuple(job.output_size(k) for k in range(len(job.outputs))),
+        buffer_bytes=job.buffer_bytes,
+        threads=job.options.threads,
+        warnings=tuple(job.warnings),
+    )
 
 
 @renamed(weight_vectors="weights")
@@ -128,6 +137,7 @@ def merge_many(
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
     sort: Literal["natural"] | None = None,
+    force: bool = False,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
 
@@ -159,6 +169,7 @@ def merge_many(
         sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
             numbered names are out of natural order); ``"natural"`` orders them by their
             numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
+        force: write into existing folders that hold no previous polyak output.
 
     Returns:
         One :class:`MergeReport` per output.
@@ -191,11 +202,24 @@ def merge_many(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
-    inputs = order_inputs(inputs, sort, stacklevel=3)  # past @renamed, at merge_many's caller
-    return _run(inputs, outputs, weights, options, progress, schedules, metadata)
+    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, sort)
+    return run_merge(inputs, outputs, weights, options, progress, schedules, metadata, force=force)
 
 
-def _run(
+def _check_unchanged(checkpoints: Sequence[Checkpoint]) -> None:
+    """Refuse to commit when an input changed while it was read (device, inode, size and
+    mtime_ns recorded when it was opened): the average would mix two versions of it."""
+    for ck in checkpoints:
+        problem = ck.changed()  # every reader kind records its files when opened
+        if problem is not None:
+            raise CheckpointError(
+                f"input {problem} while the merge was reading it; no output was written "
+                "(merge again once the input is complete)"
+            )
+
+
+def run_merge(
     inputs: Sequence[PathLike],
     outputs: Sequence[PathLike],
     weights: Sequence[ScheduleLike],
@@ -203,17 +227,24 @@ def _run(
     progress: Progress,
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
+    *,
+    force: bool = False,
+    **job_args: Any,
 ) -> list[MergeReport]:
-    """Open, check and run the job; one report per output (the body of merge and merge_many)."""
+    """Open, check and run the job; one report per output (the body of merge, merge_many and
+    :func:`polyak.merge`, which passes ``opener`` and ``extra_files`` to :class:`MergeJob`)."""
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         job = MergeJob(
-            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
-        )
+            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata,
+            **job_args,
+        )  # fmt: skip
+        for text in job.warnings:
+            warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
         writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
-                writers.append(job.writer(k))
+                writers.append(job.writer(k, force=force))
             with _progress(progress, job.bytes_to_read) as tick:
                 nread = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
@@ -224,6 +255,7 @@ def _run(
             # must not leave the first outputs behind.
             for wr in writers:
                 wr.sync()
+            _check_unchanged(job.checkpoints)
             for wr in writers:
                 wr.commit()
         except BaseException:
@@ -242,8 +274,11 @@ def _run(
             weights=tuple(float(x) for x in w),
             schedule=repr(sched) if sched is not None else "explicit",
             threads=options.threads,
+            copied=tuple(job.copied(k)),
         )
-        for out, wr, w, sched in zip(job.outputs, writers, job.weights, job.schedules, strict=True)
+        for k, (out, wr, w, sched) in enumerate(
+            zip(job.outputs, writers, job.weights, job.schedules, strict=True)
+        )
     ]
 
 
@@ -282,6 +317,7 @@ def merge(
     max_shard_size: int | str | None = None,
     accumulate_dtype: Any = None,
     sort: Literal["natural"] | None = None,
+    force: bool = False,
 ) -> MergeReport:
     """Average safetensors checkpoints on disk into one, in bounded memory.
 
@@ -310,6 +346,8 @@ def merge(
         sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
             numbered names are out of natural order); ``"natural"`` orders them by their
             numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
+        force: write into an existing folder that holds no previous polyak output (files
+            with the output's names are replaced, all others kept; see the guarantees guide).
 
     Returns:
         A :class:`MergeReport`: tensors, bytes read and written, seconds, weights used.
@@ -320,7 +358,9 @@ def merge(
         StructureError: inputs differ in tensor names, shapes or dtypes (differences listed).
         ScheduleError, WeightsError: the schedule or its weights cannot be used.
         DtypeError: bad ``dtype``, or ``int_policy="error"`` with an integer tensor.
-        OutputError: ``output`` is one of the inputs.
+        OutputError: ``output`` is one of the inputs, is being written by another merge, or
+            is a folder holding files polyak did not write (without ``force``).
+        CheckpointError: an input changed while it was read (nothing is written).
         OutputWriteError: the disk is full or a size limit is hit; nothing is left behind.
 
     Example:
@@ -340,6 +380,7 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy,
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
     )  # fmt: skip
-    inputs = order_inputs(inputs, sort)
-    (report,) = _run(inputs, [output], [schedule], options, progress)
+    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, sort)
+    (report,) = run_merge(inputs, [output], [schedule], options, progress, force=force)
     return report

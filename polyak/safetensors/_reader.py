@@ -7,6 +7,7 @@ model's size. ``preadv`` takes an explicit offset, so threads can share one desc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -16,11 +17,106 @@ from typing import Any
 import numpy as np
 
 from polyak.safetensors._errors import CheckpointError, HeaderError
-from polyak.safetensors._format import MAX_HEADER_BYTES, TensorInfo, parse_header, pread_into
+from polyak.safetensors._format import (
+    MAX_HEADER_BYTES,
+    PACKED,
+    TensorInfo,
+    lone_surrogate,
+    parse_header,
+    pread_into,
+    unpack_f4,
+)
 
-__all__ = ["SafetensorsFile", "Checkpoint", "find_index"]
+__all__ = [
+    "SafetensorsFile",
+    "Checkpoint",
+    "find_index",
+    "read_index",
+    "read_bounded",
+    "open_regular",
+    "fingerprint",
+]
 
 _INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def _raise_open_file_limit() -> bool:
+    """Raise the soft limit on open files up to the hard one; whether it went up.
+
+    A merge keeps every input open; the usual soft limit (1024) is far below the usual hard
+    limit, which an unprivileged process may raise itself.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return False
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 16)
+    if soft != resource.RLIM_INFINITY and soft >= target:
+        return False
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _too_many_open(path: str) -> CheckpointError:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limits = f" (the limit is {soft} open files, hard limit {hard})"
+    except ImportError:
+        limits = ""
+    return CheckpointError(
+        f"{path}: cannot open: too many open files{limits}; a merge keeps every input file "
+        "open, so raise the limit (ulimit -n) or merge fewer checkpoints at a time"
+    )
+
+
+def open_regular(path: str, what: str = "file") -> tuple[int, os.stat_result]:
+    """Open ``path`` read-only, making sure it is a regular file; (fd, its stat).
+
+    The file is opened non-blocking first: opening a FIFO for reading would otherwise wait
+    forever for a writer. Devices (``/dev/zero``), FIFOs and sockets are refused, so every
+    later read is bounded by the file's size.
+
+    Raises:
+        CheckpointError: missing, not a regular file, or not openable (the message says why,
+            and which limit to raise when there are too many open files).
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+    for attempt in range(2):
+        try:
+            fd = os.open(path, flags)
+            break
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{path}: is a directory, expected a {what}") from None
+        except OSError as e:
+            if e.errno == errno.EMFILE and attempt == 0 and _raise_open_file_limit():
+                continue
+            if e.errno == errno.EMFILE:
+                raise _too_many_open(path) from None
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+        raise CheckpointError(f"{path}: is {kind}, not a regular {what}")
+    return fd, st
+
+
+def fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime_ns) of a file: it changes when the file is replaced,
+    truncated, extended or written to."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class SafetensorsFile:
@@ -33,19 +129,11 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
+        self._fd = -1
+        self._fd, st = open_regular(self.path, "safetensors file")
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, expected a file") from None
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
-        try:
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(f"{self.path}: not a regular file")
             self.identity = (st.st_dev, st.st_ino)
+            self.fingerprint = fingerprint(st)
             self.file_size = st.st_size
             self.header = parse_header(self._fd, self.path, st.st_size)
             if hasattr(os, "posix_fadvise"):
@@ -62,6 +150,20 @@ class SafetensorsFile:
     def metadata(self) -> Mapping[str, str] | None:
         return self.header.metadata
 
+    def changed(self) -> str | None:
+        """How the file changed since it was opened (replaced, resized, rewritten), or None."""
+        try:
+            now = fingerprint(os.stat(self.path))
+        except OSError as e:
+            return f"it can no longer be found ({e.strerror})"
+        if now[:2] != self.fingerprint[:2]:
+            return "it was replaced by another file"
+        if now[2] != self.fingerprint[2]:
+            return f"its size changed from {self.fingerprint[2]} to {now[2]} bytes"
+        if now[3] != self.fingerprint[3]:
+            return "it was modified (its modification time changed)"
+        return None
+
     def read(self, info: TensorInfo, elem_start: int, out: np.ndarray) -> None:
         """Fill the C-contiguous ``out`` with elements ``elem_start...`` of tensor ``info``."""
         item = info.dtype.itemsize
@@ -72,6 +174,16 @@ class SafetensorsFile:
                 f"elements [{elem_start}, {elem_start + out.size}) outside tensor "
                 f"{info.name!r} of {info.size} elements"
             )
+        if info.code in PACKED:
+            # Whole bytes around the wanted values, unpacked, then the values cut out.
+            first, stop = elem_start // 2, (elem_start + out.size + 1) // 2
+            packed = np.empty(stop - first, np.uint8)
+            pread_into(self._fd, memoryview(packed), info.start + first, self.path)
+            values = np.empty(2 * packed.size, info.dtype)
+            unpack_f4(packed, values)
+            skip = elem_start - 2 * first
+            out.reshape(-1)[...] = values[skip : skip + out.size]
+            return
         raw = out.reshape(-1).view(np.uint8)
         pread_into(self._fd, memoryview(raw), info.start + elem_start * item, self.path)
 
@@ -94,7 +206,7 @@ class SafetensorsFile:
 def find_index(directory: str) -> str | None:
     """The ``*.safetensors.index.json`` of a sharded checkpoint directory, if any."""
     preferred = os.path.join(directory, "model" + _INDEX_SUFFIX)
-    if os.path.isfile(preferred):
+    if os.path.lexists(preferred):
         return preferred
     found = sorted(n for n in os.listdir(directory) if n.endswith(_INDEX_SUFFIX))
     if len(found) > 1:
@@ -104,30 +216,55 @@ def find_index(directory: str) -> str | None:
     return os.path.join(directory, found[0]) if found else None
 
 
-def _read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
+def read_bounded(path: str, limit: int, what: str = "file") -> bytes:
+    """The bytes of the regular file ``path``, refusing one over ``limit`` bytes.
+
+    The read is bounded by the size the file has when opened (a FIFO or ``/dev/zero`` is
+    refused by :func:`open_regular`), so it can neither hang nor exhaust memory.
+    """
+    fd, st = open_regular(path, what)
     try:
-        size = os.path.getsize(index_path)
-        if size > MAX_HEADER_BYTES:
-            raise HeaderError(f"{index_path}: index of {size} bytes exceeds the size limit")
-        with open(index_path, "rb") as f:
-            obj = json.loads(f.read().decode("utf-8"))
+        if st.st_size > limit:
+            raise HeaderError(f"{path}: {what} of {st.st_size} bytes exceeds the size limit")
+        data = bytearray(st.st_size)
+        pread_into(fd, memoryview(data), 0, path)
+        return bytes(data)
+    finally:
+        os.close(fd)
+
+
+def _bad_shard_name(shard: Any) -> bool:
+    return (
+        not isinstance(shard, str)
+        or not shard.endswith(".safetensors")
+        or os.path.basename(shard) != shard
+        or shard in (".", "..")
+        or "\0" in shard
+        or lone_surrogate(shard)
+    )
+
+
+def read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(weight_map, metadata) of a shard index, validated (names are plain shard file names).
+
+    Raises:
+        CheckpointError: the index is not a regular file.
+        HeaderError: the index is too large, not JSON, or names an unusable shard.
+    """
+    data = read_bounded(index_path, MAX_HEADER_BYTES, "shard index")
+    try:
+        obj = json.loads(data)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        if isinstance(e, HeaderError):
-            raise
         raise HeaderError(f"{index_path}: not a valid JSON shard index ({e})") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
         raise HeaderError(f"{index_path}: shard index needs a 'weight_map' object")
     weight_map = obj["weight_map"]
     for name, shard in weight_map.items():
-        if (
-            not isinstance(shard, str)
-            or not shard.endswith(".safetensors")
-            or os.path.basename(shard) != shard
-            or shard in (".", "..")
-        ):
+        if _bad_shard_name(shard):
+            shown = shard.encode("utf-8", "backslashreplace") if isinstance(shard, str) else shard
             raise HeaderError(
-                f"{index_path}: tensor {name!r} maps to {shard!r}; shards must be plain "
-                "'*.safetensors' file names in the same directory"
+                f"{index_path}: tensor {name!r} maps to {shown!r}; shards must be plain "
+                "'*.safetensors' file names in the same directory (no NUL, valid Unicode)"
             )
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict):
@@ -172,10 +309,15 @@ class Checkpoint:
             self.close()
             raise
         # Names are unique across shards: _open checked that each shard holds only the
-        # tensors the index maps to it, and the index maps each name to one shard.
-        self._where: dict[str, tuple[SafetensorsFile, TensorInfo]] = {
-            name: (f, info) for f in self.files for name, info in f.tensors.items()
-        }
+        # tensors the index maps to it, and the index maps each name to one shard. One small
+        # int per name (not per-tensor objects): a merge holds this for every input.
+        self._shard_of: dict[str, int] | None = None
+        if len(self.files) > 1:
+            self._shard_of = {name: k for k, f in enumerate(self.files) for name in f.tensors}
+
+    def _locate(self, name: str) -> tuple[SafetensorsFile, TensorInfo]:
+        f = self.files[self._shard_of[name] if self._shard_of is not None else 0]
+        return f, f.tensors[name]
 
     def _open(self) -> None:
         if not os.path.exists(self.path):
@@ -193,7 +335,7 @@ class Checkpoint:
                 )
             self.files.append(SafetensorsFile(os.path.join(self.path, single[0])))
             return
-        weight_map, self.index_metadata = _read_index(self.index_path)
+        weight_map, self.index_metadata = read_index(self.index_path)
         if not weight_map:
             raise HeaderError(f"{self.index_path}: empty weight_map")
         for shard in sorted(set(weight_map.values())):
@@ -216,14 +358,14 @@ class Checkpoint:
 
     # -- reader protocol -------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self._where)
+        return [name for f in self.files for name in f.tensors]
 
     def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
-        info = self._where[name][1]
+        info = self._locate(name)[1]
         return info.dtype, info.shape
 
     def read(self, name: str, elem_start: int, out: np.ndarray) -> None:
-        f, info = self._where[name]
+        f, info = self._locate(name)
         f.read(info, elem_start, out)
 
     @property
@@ -232,11 +374,11 @@ class Checkpoint:
 
     # -- extras ----------------------------------------------------------------------------
     def tensor_info(self, name: str) -> TensorInfo:
-        return self._where[name][1]
+        return self._locate(name)[1]
 
     def read_tensor(self, name: str) -> np.ndarray:
         """A new array holding the whole tensor ``name``."""
-        f, info = self._where[name]
+        f, info = self._locate(name)
         out = np.empty(info.shape, info.dtype)
         f.read(info, 0, out)
         return out
@@ -251,16 +393,24 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
-        return sum(info.nbytes for _, info in self._where.values())
+        return sum(f.file_size - f.header.data_start for f in self.files)
 
     def identities(self) -> set[tuple[int, int]]:
         return {f.identity for f in self.files}
 
+    def changed(self) -> str | None:
+        """Which file of the checkpoint changed since it was opened, and how; or None."""
+        for f in self.files:
+            problem = f.changed()
+            if problem is not None:
+                return f"{f.path}: {problem}"
+        return None
+
     def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
+        return iter(self.keys())
 
     def __len__(self) -> int:
-        return len(self._where)
+        return sum(len(f.tensors) for f in self.files)
 
     def close(self) -> None:
         for f in self.files:

@@ -24,6 +24,8 @@ class MergeReport:
         weights: the weights applied, oldest input first.
         schedule: a description of the schedule.
         threads: worker threads used.
+        copied: files copied into a folder output besides the weights, relative to it
+            (a model's config and tokenizer files, by :func:`polyak.merge`).
     """
 
     output: str
@@ -35,6 +37,7 @@ class MergeReport:
     weights: tuple[float, ...]
     schedule: str
     threads: int
+    copied: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -55,6 +58,7 @@ class MergeReport:
             f"wrote {format_bytes(self.bytes_written)} in {self.seconds:.2f} s{self._speed()} "
             f"with weights "
             f"[{', '.join(f'{w:.4g}' for w in self.weights)}]"
+            + (f"; copied {', '.join(self.copied)}" if self.copied else "")
         )
 
 

@@ -20,8 +20,17 @@ from typing import Any
 import numpy as np
 
 from polyak.safetensors._errors import OutputError, OutputWriteError
-from polyak.safetensors._format import MAX_HEADER_BYTES as MAX_INDEX_BYTES
-from polyak.safetensors._format import dtype_code, encode_header
+from polyak.safetensors._format import PACKED, dtype_code, encode_header, pack_f4, storage_nbytes
+from polyak.safetensors._transaction import (
+    COPIED_KEY,
+    INDEX_NAME,
+    WRITER_MARK,
+    FolderTransaction,
+    OutputLock,
+    fsync_dir,
+    on_fatal_signal,
+    temp_path,
+)
 
 __all__ = [
     "AtomicFile",
@@ -31,6 +40,7 @@ __all__ = [
     "split_shards",
     "check_not_input",
     "output_size",
+    "encode",
 ]
 
 _HINTS = {
@@ -81,6 +91,20 @@ def _reserve(fd: int, size: int) -> None:
     os.ftruncate(fd, size)
 
 
+def _link_unnamed(fd: int, path: str) -> None:
+    """Give the unnamed (O_TMPFILE) file open as ``fd`` the name ``path``.
+
+    Needs ``linkat(AT_SYMLINK_FOLLOW)`` on ``/proc/self/fd/N``: a plain ``os.link`` calls
+    ``link()``, which links the /proc symlink itself and fails with EXDEV. Passing a directory
+    fd makes Python call ``linkat`` with the flag.
+    """
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.link(f"/proc/self/fd/{fd}", path, src_dir_fd=dfd, follow_symlinks=True)
+    finally:
+        os.close(dfd)
+
+
 def _tmpfile_works(directory: str) -> bool:
     """Whether unnamed files (O_TMPFILE) can be created in, and linked into, ``directory``.
 
@@ -102,7 +126,7 @@ def _tmpfile_works(directory: str) -> bool:
         if fd >= 0:
             probe = os.path.join(directory, f".polyak-probe-{secrets.token_hex(4)}")
             try:
-                os.link(f"/proc/self/fd/{fd}", probe)
+                _link_unnamed(fd, probe)
                 os.unlink(probe)
                 ok = True
             except OSError:
@@ -111,40 +135,6 @@ def _tmpfile_works(directory: str) -> bool:
                 os.close(fd)
         _TMPFILE_OK[dev] = ok
     return _TMPFILE_OK[dev]
-
-
-def _temp_name(path: str) -> str:
-    return f".{os.path.basename(path)}.{os.getpid()}-{secrets.token_hex(4)}.polyak-tmp"
-
-
-def _remove_stale_temps(path: str) -> None:
-    """Remove named temporary files of ``path`` left by processes that were killed.
-
-    (A SIGKILL gives no chance to clean up; their names carry the writer's pid.)
-    """
-    directory, base = os.path.split(path)
-    prefix = f".{base}."
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return
-    for name in names:
-        if not (name.startswith(prefix) and name.endswith(".polyak-tmp")):
-            continue
-        pid_text = name[len(prefix) : -len(".polyak-tmp")].split("-")[0]
-        if not pid_text.isdigit() or int(pid_text) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-            continue  # the writer is alive
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue  # alive under another user
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
 
 
 class AtomicFile:
@@ -169,11 +159,10 @@ class AtomicFile:
 
     def _create(self) -> int:
         cloexec = getattr(os, "O_CLOEXEC", 0)
-        _remove_stale_temps(self.path)
         if _tmpfile_works(self.dir):
             return os.open(self.dir, os.O_TMPFILE | os.O_WRONLY | cloexec, 0o666)
         for _ in range(100):
-            name = os.path.join(self.dir, _temp_name(self.path))
+            name = temp_path(self.path)
             try:
                 fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | cloexec, 0o666)
             except FileExistsError:
@@ -211,18 +200,14 @@ class AtomicFile:
         try:
             os.fsync(self.fd)
             if self._tmp is None:
-                tmp = os.path.join(self.dir, _temp_name(self.path))
-                os.link(f"/proc/self/fd/{self.fd}", tmp)
+                tmp = temp_path(self.path)
+                _link_unnamed(self.fd, tmp)
                 self._tmp = tmp
             os.replace(self._tmp, self.path)
             self._tmp = None
             os.close(self.fd)
             self.fd = -1
-            dfd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            fsync_dir(self.dir)
         except OSError as e:
             self.abort()
             raise _write_error(self.path, e) from None
@@ -243,23 +228,35 @@ class AtomicFile:
 Entry = tuple[str, np.dtype, tuple[int, ...]]
 
 
+def encode(
+    entries: Sequence[Entry], metadata: Mapping[str, str] | None
+) -> tuple[bytes, list[int]]:
+    """The header bytes and tensor offsets of a file holding ``entries`` (see encode_header)."""
+    coded = [
+        (name, dtype_code(dt, f"tensor {name!r}: "), tuple(shape)) for name, dt, shape in entries
+    ]
+    return encode_header(coded, metadata)
+
+
 class SafetensorsWriter:
     """Writes one safetensors file: header first, tensor data at its offsets, atomically."""
 
     def __init__(
-        self, path: str, entries: Sequence[Entry], metadata: Mapping[str, str] | None = None
+        self,
+        path: str,
+        entries: Sequence[Entry],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        encoded: tuple[bytes, list[int]] | None = None,
     ) -> None:
         self.path = path
-        coded = [
-            (name, dtype_code(dt, f"tensor {name!r}: "), tuple(shape))
-            for name, dt, shape in entries
-        ]
-        head, offsets = encode_header(coded, metadata)
+        head, offsets = encoded if encoded is not None else encode(entries, metadata)
         self._where = {
             name: (off, np.dtype(dt).itemsize, math.prod(shape))
             for (name, dt, shape), off in zip(entries, offsets, strict=True)
         }
-        self.nbytes = sum(item * size for _, item, size in self._where.values())
+        self._packed = {name for name, dt, _ in entries if dtype_code(dt) in PACKED}
+        self.nbytes = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
         self.size = len(head) + self.nbytes
         self._file = AtomicFile(path, self.size)
         try:
@@ -273,6 +270,13 @@ class SafetensorsWriter:
         flat = np.asarray(array).reshape(-1)  # copies only when not contiguous
         if flat.dtype.itemsize != item or elem_start < 0 or elem_start + flat.size > size:
             raise ValueError(f"bad write of {flat.size} elements at {elem_start} into {name!r}")
+        if name in self._packed:
+            # The stream writes spans of an even number of values (see _stream), so each
+            # write covers whole bytes.
+            if elem_start % 2 or (flat.size % 2 and elem_start + flat.size != size):
+                raise ValueError(f"packed write of {flat.size} at {elem_start} into {name!r}")
+            self._file.pwrite(pack_f4(flat), off + elem_start // 2)
+            return
         self._file.pwrite(flat.view(np.uint8), off + elem_start * item)
 
     def sync(self) -> None:
@@ -298,31 +302,13 @@ def split_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     used = 0
     for entry in entries:
-        nbytes = math.prod(entry[2]) * np.dtype(entry[1]).itemsize
+        nbytes = storage_nbytes(entry[1], math.prod(entry[2]))
         if shards[-1] and used + nbytes > max_bytes:
             shards.append([])
             used = 0
         shards[-1].append(entry)
         used += nbytes
     return shards
-
-
-def _old_shards(index_path: str) -> list[str]:
-    """Shard names listed by an existing index (none if it is missing or unreadable)."""
-    try:
-        with open(index_path, "rb") as f:
-            weight_map = json.loads(f.read(MAX_INDEX_BYTES + 1)).get("weight_map", {})
-        names = set(weight_map.values())
-    except (OSError, ValueError, AttributeError, TypeError):
-        return []
-    return sorted(
-        n
-        for n in names
-        if isinstance(n, str) and n.endswith(".safetensors") and os.path.basename(n) == n
-    )
-
-
-_INDEX_NAME = "model.safetensors.index.json"
 
 
 def _shard_plan(
@@ -344,12 +330,19 @@ def _index_bytes(
     plan: Sequence[tuple[str, Sequence[Entry]]],
     entries: Sequence[Entry],
     index_metadata: Mapping[str, Any] | None,
+    copied: Sequence[str] = (),
 ) -> bytes:
-    total = sum(math.prod(e[2]) * np.dtype(e[1]).itemsize for e in entries)
+    total = sum(storage_nbytes(e[1], math.prod(e[2])) for e in entries)
     meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
     weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
+    meta.pop(WRITER_MARK[0], None)
+    meta.pop(COPIED_KEY, None)
+    if copied:
+        # The copied model files belong to this output: a later merge into the same folder
+        # replaces them as it replaces the shards (see _transaction._previous_output).
+        meta[COPIED_KEY] = sorted({c.split("/")[0] for c in copied})
     index = {
-        "metadata": {"total_size": total, **meta},
+        "metadata": {"total_size": total, **meta, WRITER_MARK[0]: WRITER_MARK[1]},
         "weight_map": dict(sorted(weight_map.items())),
     }
     return (json.dumps(index, indent=2) + "\n").encode("utf-8")
@@ -368,7 +361,7 @@ def output_size(
     computed without touching the file system."""
     path = os.fspath(path)
     coded = [(name, dtype_code(dt), tuple(shape)) for name, dt, shape in entries]
-    data = sum(math.prod(shape) * np.dtype(dt).itemsize for _, dt, shape in entries)
+    data = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
     if path.endswith(".safetensors"):
         return len(encode_header(coded, metadata)[0]) + data
     plan = _shard_plan(path, entries, layout, max_shard_size)
@@ -379,12 +372,43 @@ def output_size(
     return heads + data + len(_index_bytes(plan, entries, index_metadata))
 
 
+def _copy_into(src: str, dest: str, protect: set[tuple[int, int]]) -> AtomicFile:
+    """``src`` copied into the (still unnamed) file ``dest`` of a folder transaction."""
+    try:
+        st = os.stat(src)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)  # a subfolder of the staging folder
+    except OSError as e:
+        raise OutputError(f"cannot copy {src}: {e.strerror}") from None
+    check_not_input(dest, protect | {(st.st_dev, st.st_ino)})
+    out = AtomicFile(dest, st.st_size)
+    try:
+        with open(src, "rb") as f:
+            offset = 0
+            while chunk := f.read(1 << 20):
+                out.pwrite(chunk, offset)
+                offset += len(chunk)
+    except OSError as e:
+        out.abort()
+        if isinstance(e, OutputWriteError):
+            raise
+        raise OutputError(f"cannot copy {src}: {e.strerror}") from None
+    except BaseException:
+        out.abort()
+        raise
+    return out
+
+
 class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
+    The output is one transaction: it holds an exclusive lock on the output name for its
+    whole life, and the file (or the whole folder: shards and index) appears under the final
+    name in one atomic step at :meth:`commit`, or not at all (see
+    :mod:`polyak.safetensors._transaction`).
+
     Args:
-        path: ``*.safetensors`` for one file, anything else for a sharded directory (created if
-            needed) with ``model.safetensors.index.json``.
+        path: ``*.safetensors`` for one file, anything else for a sharded directory with
+            ``model.safetensors.index.json``.
         entries: (name, dtype, shape) of every tensor, in the order to lay them out.
         metadata: ``__metadata__`` written in every file.
         layout: for a directory, ``(shard file name, tensor names)`` pairs; default: split by
@@ -392,9 +416,17 @@ class CheckpointWriter:
         max_shard_size: largest shard in bytes (directories only).
         index_metadata: extra entries of the index's ``metadata`` (``total_size`` is set here).
         protect: (st_dev, st_ino) of files that must not be overwritten (the inputs).
+        force: write into an existing folder that is not a previous polyak output (files with
+            the output's names are replaced; no other file is ever deleted).
+        extra_files: for a directory, ``(source path, path relative to the folder)`` of files
+            copied into it with the weights, in the same transaction (a model's config and
+            tokenizer files, for ``polyak.merge``).
 
     Raises:
-        OutputError: the output would overwrite a protected file, or the path is unusable.
+        OutputError: the output would overwrite a protected file, is locked by another
+            writer, is a folder holding files polyak did not write (without ``force``), or the
+            path is unusable.
+        HeaderError: a header could not be read back (over 100 MB, invalid shape or name).
         OutputWriteError: the file system refused the write (everything written is removed).
     """
 
@@ -408,15 +440,40 @@ class CheckpointWriter:
         max_shard_size: int | None = None,
         index_metadata: Mapping[str, Any] | None = None,
         protect: Iterable[tuple[int, int]] = (),
+        force: bool = False,
+        extra_files: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.path = os.fspath(path)
-        protect = set(protect)
         self.single = self.path.endswith(".safetensors")
+        self._extra = [] if self.single else list(extra_files)
+        self._copies: list[AtomicFile] = []
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
-        self._index: tuple[str, bytes] | None = None
-        self._stale: list[str] = []
-        self._created: str | None = None  # the output folder, when this writer made it
+        self._index: bytes | None = None
+        self._folder: FolderTransaction | None = None
+        self._lock: OutputLock | None = None
+        plan = self._plan(entries, layout, max_shard_size, set(protect))
+        try:
+            # Encode every header first: one that cannot be written fails before any file.
+            heads = [encode(es, metadata) for _, es in plan]
+            if not self.single:
+                copied = [rel for _, rel in self._extra]
+                self._index = _index_bytes(plan, entries, index_metadata, copied)
+            self._start(plan, heads, force, set(protect))
+        except BaseException:
+            self.abort()
+            raise
+        self.nbytes = sum(w.size for w in self._writers)
+        self.paths = [p for p, _ in plan]
+
+    def _plan(
+        self,
+        entries: Sequence[Entry],
+        layout: Sequence[tuple[str, Sequence[str]]] | None,
+        max_shard_size: int | None,
+        protect: set[tuple[int, int]],
+    ) -> list[tuple[str, list[Entry]]]:
+        """(final path, entries) per file, after the checks that need no lock."""
         if self.single:
             if os.path.isdir(self.path):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
@@ -425,51 +482,59 @@ class CheckpointWriter:
                 problem = "is not a directory" if os.path.exists(parent) else "does not exist"
                 raise OutputError(f"output folder {parent} {problem}")
             check_not_input(self.path, protect)
-            plan = [(self.path, list(entries))]
-        else:
-            # normpath drops a trailing "/", through which a file would look absent.
-            existing = os.path.normpath(self.path)
-            if os.path.exists(existing) and not os.path.isdir(existing):
-                raise OutputError(
-                    f"output {self.path} exists and is not a directory; name a directory for a "
-                    "sharded checkpoint or a '.safetensors' file"
-                )
-            plan = _shard_plan(self.path, entries, layout, max_shard_size)
-            index_path = os.path.join(self.path, _INDEX_NAME)
-            for p, _ in plan:
-                check_not_input(p, protect)
-            check_not_input(index_path, protect)
-            try:
-                if not os.path.isdir(self.path):
-                    os.makedirs(self.path)
-                    self._created = self.path
-            except OSError as e:
-                raise OutputError(
-                    f"cannot create output directory {self.path}: {e.strerror}"
-                ) from None
-            self._index = (index_path, _index_bytes(plan, entries, index_metadata))
-            new = {os.path.basename(p) for p, _ in plan}
-            self._stale = [
-                os.path.join(self.path, f) for f in _old_shards(index_path) if f not in new
-            ]
-            for stale in self._stale:
-                check_not_input(stale, protect)
+            return [(self.path, list(entries))]
+        # normpath drops a trailing "/", through which a file would look absent.
+        existing = os.path.normpath(self.path)
+        if os.path.exists(existing) and not os.path.isdir(existing):
+            raise OutputError(
+                f"output {self.path} exists and is not a directory; name a directory for a "
+                "sharded checkpoint or a '.safetensors' file"
+            )
+        plan = _shard_plan(self.path, entries, layout, max_shard_size)
+        for p, _ in plan:
+            check_not_input(p, protect)
+        return plan
+
+    def _start(
+        self,
+        plan: list[tuple[str, list[Entry]]],
+        heads: list[tuple[bytes, list[int]]],
+        force: bool,
+        protect: set[tuple[int, int]],
+    ) -> None:
+        """Take the lock, open the transaction, create the (still unnamed) files."""
+        target = os.path.normpath(self.path)
+        parent = os.path.dirname(os.path.abspath(target))
         try:
-            for p, es in plan:
-                w = SafetensorsWriter(p, es, metadata)
-                self._writers.append(w)
-                for name, _, _ in es:
-                    self._route[name] = w
-        except BaseException:
-            self.abort()
-            raise
-        self.nbytes = sum(w.size for w in self._writers)
-        self.paths = [w.path for w in self._writers]
+            os.makedirs(parent, exist_ok=True)
+        except OSError as e:
+            blocker = parent
+            while blocker and not os.path.lexists(blocker):
+                blocker = os.path.dirname(blocker)
+            why = f"{blocker} is a file" if os.path.isfile(blocker) else e.strerror
+            raise OutputError(f"cannot create output directory {parent}: {why}") from None
+        on_fatal_signal(id(self), self.abort)
+        self._lock = OutputLock(target)
+        if not self.single:
+            names = [os.path.basename(p) for p, _ in plan] + [INDEX_NAME]
+            names += sorted({rel.split("/")[0] for _, rel in self._extra})
+            self._folder = FolderTransaction(target, names, force=force)
+            for name in self._folder.drop:  # files the swap deletes: never an input
+                check_not_input(os.path.join(target, name), protect)
+            for src, rel in self._extra:
+                self._copies.append(_copy_into(src, self._folder.path(rel), protect))
+        for (p, es), head in zip(plan, heads, strict=True):
+            where = p if self._folder is None else self._folder.path(os.path.basename(p))
+            w = SafetensorsWriter(where, es, encoded=head)
+            self._writers.append(w)
+            for name, _, _ in es:
+                self._route[name] = w
 
     @property
     def files(self) -> list[str]:
         """Every file this writer produces: the shards, then the index (if any)."""
-        return self.paths + ([self._index[0]] if self._index is not None else [])
+        index = [os.path.join(self.path, INDEX_NAME)] if self._index is not None else []
+        return self.paths + index + [os.path.join(self.path, rel) for _, rel in self._extra]
 
     def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
         self._route[name].write(name, elem_start, array)
@@ -484,41 +549,43 @@ class CheckpointWriter:
             raise
 
     def commit(self) -> None:
-        """Make every shard (and then the index) appear under its final name."""
+        """Make the file, or the whole folder (shards and index), appear under its name."""
         try:
-            # Sync everything before renaming anything, so a failure leaves no new shard.
+            # Sync everything before naming anything, so a failure leaves no new file.
             self.sync()
             for w in self._writers:
                 w.commit()
-            if self._index is not None:
-                index_path, data = self._index
-                f = AtomicFile(index_path, len(data))
+            for f in self._copies:
+                f.commit()
+            if self._folder is not None and self._index is not None:
+                f = AtomicFile(self._folder.path(INDEX_NAME), len(self._index))
                 try:
-                    f.pwrite(data, 0)
+                    f.pwrite(self._index, 0)
                     f.commit()
                 except BaseException:
                     f.abort()
                     raise
+                try:
+                    self._folder.commit()
+                except OSError as e:
+                    raise _write_error(self.path, e) from None
         except BaseException:
             self.abort()
             raise
-        self._created = None  # the folder now holds the checkpoint: keep it
-        # Shards of the checkpoint this one replaced, which the new index no longer names
-        # (as Hugging Face's save_pretrained cleans up): left behind, they would be mistaken
-        # for part of the new checkpoint.
-        for stale in self._stale:
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+        self._folder = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        on_fatal_signal(id(self), None)
 
     def abort(self) -> None:
-        """Remove everything written so far, and the output folder if this writer made it."""
-        for w in self._writers:
+        """Remove everything written so far; the output name keeps what it held."""
+        for w in [*self._writers, *self._copies]:
             w.abort()
-        if self._created is not None:
-            try:
-                os.rmdir(self._created)  # only if still empty: it never removes anything else
-            except OSError:
-                pass
-            self._created = None
+        if self._folder is not None:
+            self._folder.abort()
+            self._folder = None
+        self._release()

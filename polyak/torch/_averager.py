@@ -22,20 +22,19 @@ import torch
 from polyak import _backend
 from polyak import schedules as _schedules
 from polyak._errors import DtypeError, EmptyInputError, NoOnlineFormError, PolyakError
-from polyak._kernel import check_int_policy
 from polyak.torch import _state
-
-_TORCH = _backend.get(torch.empty(0))  # the one torch backend: folds, copies, int rounding
 from polyak.torch._layout import (
     Entry,
     accumulator_dtype,
+    generation,
     match,
     named_tensors,
     role_of,
-    generation,
     spec_of,
 )
 from polyak.torch._sharded import is_dtensor, local, locals_of
+
+_TORCH = _backend.get(torch.empty(0))  # the one torch backend: folds, copies, int rounding
 
 __all__ = ["ModelAverager"]
 
@@ -141,21 +140,24 @@ class ModelAverager:
         self._specs = {name: spec_of(t) for name, t in tensors.items()}
         params = {id(p) for p in model.parameters()}
         self._entries = {
-            name: Entry(name, _role(name, t, id(t) in params, buffers, int_policy), id(t) in params)
+            name: Entry(
+                name, _role(name, t, id(t) in params, buffers, int_policy), id(t) in params
+            )
             for name, t in tensors.items()
         }
         target = None if device is None else torch.device(device)
-        self._acc = {n: _allocate(t, self._entries[n].role, dtype, target) for n, t in tensors.items()}
-        self._groups = _make_groups(tensors, self._acc, self._entries)
-        self._side = {
-            r: [n for n, e in self._entries.items() if e.role == r] for r in _SIDE_ROLES
+        self._acc = {
+            n: _allocate(t, self._entries[n].role, dtype, target) for n, t in tensors.items()
         }
+        self._groups = _make_groups(tensors, self._acc, self._entries)
+        self._side = {r: [n for n, e in self._entries.items() if e.role == r] for r in _SIDE_ROLES}
         self._side_accs = {r: [local(self._acc[n]) for n in ns] for r, ns in self._side.items()}
         self._plan = self._make_plan(tensors)
         self._generation = generation()
         self._other: tuple[weakref.ref, _Plan] | None = None
         self._count = 0
         self._calls = 0
+        self._workspace: dict[Any, Any] = {}  # the CPU cast's scratch, reused every update
 
     @property
     def count(self) -> int:
@@ -216,7 +218,7 @@ class ModelAverager:
                 if g.sync is not None:
                     torch.cuda.current_stream(g.sync).synchronize()
                 xs = g.staging
-            _TORCH.foreach_fold(g.accs, xs, decay)
+            _TORCH.foreach_fold(g.accs, xs, decay, self._workspace)
         side = plan.side_locals()
         accs = self._side_accs
         _TORCH.foreach_copy(accs["last"], side["last"])
@@ -430,7 +432,7 @@ def _make_groups(
             key = (a.device, a.dtype, t.device, t.dtype, is_dtensor(t))
             keyed.setdefault(key, []).append(name)
     groups = []
-    for (a_dev, a_dtype, t_dev, t_dtype, sharded), names in keyed.items():
+    for (a_dev, _, t_dev, t_dtype, sharded), names in keyed.items():
         staging = sync = None
         if not _same_device(a_dev, t_dev):
             pin = a_dev.type == "cpu" and t_dev.type == "cuda"

@@ -17,12 +17,20 @@ from dataclasses import dataclass
 
 import torch
 
-from polyak._errors import DtypeError, PolyakError, ShapeError, StructureError
+from polyak._errors import DtypeError, PolyakError, ShapeError
+from polyak._tree import check_names
 from polyak.torch._sharded import is_dtensor
 
 __all__ = [
     "generation",
-    "Entry", "Spec", "spec_of", "named_tensors", "role_of", "accumulator_dtype", "match"]
+    "Entry",
+    "Spec",
+    "spec_of",
+    "named_tensors",
+    "role_of",
+    "accumulator_dtype",
+    "match",
+]
 
 # Bumped whenever any module registers a new parameter or buffer object (setattr, assign
 # loads): an averager re-checks its model's tensors only then, so the steady state does no
@@ -152,13 +160,11 @@ def match(expected: dict[str, Spec], given: dict[str, torch.Tensor], what: str) 
         StructureError: names missing or unexpected, all listed, sorted.
         ShapeError, DtypeError: naming every tensor that differs.
     """
-    missing = sorted(set(expected) - set(given))
-    unexpected = sorted(set(given) - set(expected))
-    if missing or unexpected:
-        raise StructureError(
-            f"{what} does not have the parameters and buffers the averager was built for: "
-            f"missing {missing}, unexpected {unexpected}"
-        )
+    check_names(
+        expected,
+        given,
+        f"{what} does not have the parameters and buffers the averager was built for",
+    )
     shapes, kinds = [], []
     for name, e in expected.items():
         g = spec_of(given[name])

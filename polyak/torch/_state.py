@@ -15,6 +15,7 @@ import torch
 from polyak import schedules as _schedules
 from polyak._errors import DtypeError, PolyakError, ScheduleError, ShapeError, StructureError
 from polyak._kernel import check_int_policy
+from polyak._tree import check_names
 from polyak.torch._sharded import is_dtensor
 
 __all__ = [
@@ -80,12 +81,7 @@ def check_settings(state: Any, schedule: _schedules.Schedule, opts: dict) -> Non
     """
     if not isinstance(state, dict):
         raise StructureError(f"expected a dict from ModelAverager.state_dict(), got {state!r}")
-    missing = sorted(set(_KEYS) - set(state))
-    unexpected = sorted(set(state) - set(_KEYS))
-    if missing or unexpected:
-        raise StructureError(
-            f"not a ModelAverager state: missing keys {missing}, unexpected keys {unexpected}"
-        )
+    check_names(_KEYS, state, "not a ModelAverager state (its keys)")
     saved = state["schedule"]
     try:
         saved_schedule = _schedules.from_spec(saved["name"], saved["params"])
@@ -112,12 +108,7 @@ def check_average(average: Any, acc: dict[str, torch.Tensor]) -> None:
     """
     if not isinstance(average, dict):
         raise StructureError(f"state['average'] must be a dict of tensors, got {average!r}")
-    missing = sorted(set(acc) - set(average))
-    unexpected = sorted(set(average) - set(acc))
-    if missing or unexpected:
-        raise StructureError(
-            f"saved average does not fit this model: missing {missing}, unexpected {unexpected}"
-        )
+    check_names(acc, average, "saved average does not fit this model")
     shapes, kinds = [], []
     for name, a in acc.items():
         s = average[name]
