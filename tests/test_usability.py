@@ -286,3 +286,15 @@ def test_merge_many_and_plan_take_sort(unsorted, tmp_path) -> None:
     np.testing.assert_allclose(
         load_file(str(tmp_path / "b.safetensors"))["w"], reference(natural, [1, 2, 3]), rtol=1e-6
     )
+
+
+def test_format_neutral_merge_warns_and_sorts(unsorted, tmp_path) -> None:
+    natural = sorted(unsorted, key=lambda p: natural_key(os.path.basename(p)))
+    with pytest.warns(polyak.OrderWarning, match="integer tensors"):
+        polyak.merge(unsorted, tmp_path / "a.safetensors", "linear")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", polyak.OrderWarning)
+        polyak.merge(unsorted, tmp_path / "b.safetensors", "linear", sort="natural")
+    out = load_file(str(tmp_path / "b.safetensors"))
+    np.testing.assert_allclose(out["w"], reference(natural, [1, 2, 3]), rtol=1e-6)
+    assert out["steps"] == 200
