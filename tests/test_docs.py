@@ -280,6 +280,19 @@ def test_readme_command_lines_run_without_a_warning(in_tmp: Path) -> None:
     for step in (100, 200, 1000):
         tree = {f"layer{i}.w": rng.standard_normal((32, 32)).astype(np.float32) for i in range(4)}
         pst.save(tree, in_tmp / "run" / f"step_{step}", max_shard_size=9000)
+    # Trainer checkpoint folders (weights and a config) and Lightning .ckpt files (the state
+    # dict under "state_dict"), as the README's other merge lines name them.
+    for step in (100, 200, 300):
+        folder = in_tmp / "run" / f"checkpoint-{step}"
+        folder.mkdir()
+        pst.save({"w": rng.standard_normal((4, 4)).astype(np.float32)},
+                 folder / "model.safetensors")  # fmt: skip
+        (folder / "config.json").write_text('{"model_type": "demo"}')
+    torch = pytest.importorskip("torch")
+    (in_tmp / "lightning").mkdir()
+    for epoch in (3, 9, 10):
+        torch.save({"state_dict": {"w": torch.full((4,), float(epoch))}, "epoch": epoch},
+                   in_tmp / "lightning" / f"epoch={epoch}.ckpt")  # fmt: skip
     shells = [
         c for lang, c, _ in blocks(ROOT / "README.md") if lang == "bash" and runnable_shell(c)
     ]
