@@ -33,6 +33,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -50,6 +51,10 @@ from benchmarks._harness import available_memory_bytes, machine, run_child  # no
 
 METHODS_SCRIPT = str(HERE / "_merge_methods.py")
 SECTIONS = ("merge", "torch", "scaling", "memory", "online")
+README = HERE.parent / "README.md"
+# The README's speed and memory claim sits between these markers; main() rewrites it from the
+# numbers of a full run, so the README never states numbers of its own.
+README_CLAIM = re.compile(r"(<!-- speed: [^>]*-->)(.*?)(<!-- /speed -->)", re.S)
 CONTENDERS = ("polyak 1 thread", "polyak 2 threads", "safe_open + accumulate",
               "torch float64 loop", "tutorial np.average")  # fmt: skip
 
@@ -445,6 +450,42 @@ def scaling_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def speedups(results: dict[str, Any]) -> dict[str, tuple[list[float], float]]:
+    """Per contender: polyak's (2 threads) speed-ups over it, case by case, and its peak RSS."""
+    rows = [r for r in results["rows"] if "of_read" in r]
+    mine = {r["case"]: r for r in rows if r["method"] == "polyak 2 threads"}
+    out = {}
+    for method in CONTENDERS[2:]:
+        theirs = [r for r in rows if r["method"] == method and r["case"] in mine]
+        if theirs:
+            speed = [mine[r["case"]]["gb_per_s"] / r["gb_per_s"] for r in theirs]
+            out[method] = (speed, max(r["peak_rss_mib"] for r in theirs))
+    return out
+
+
+def readme_claim(results: dict[str, Any]) -> str | None:
+    """The README's sentence on the merge's speed and memory, read off a run's numbers."""
+    speed = [x for ratios, _ in speedups(results).values() for x in ratios]
+    polyak_rows = [
+        r for r in results["rows"] if "of_read" in r and r["method"].startswith("polyak")
+    ]
+    if not speed or not polyak_rows:
+        return None
+    top = max(r["peak_rss_mib"] for r in polyak_rows)
+    return (
+        f"{min(speed):.1f}x to {max(speed):.1f}x as fast as the usual load-and-average loops, "
+        f"in at most {top:.0f} MiB of peak memory"
+    )
+
+
+def update_readme(claim: str, path: Path = README) -> None:
+    """Put ``claim`` between the README's speed markers."""
+    text = path.read_text()
+    if not README_CLAIM.search(text):
+        raise SystemExit(f"{path}: no <!-- speed: ... --> ... <!-- /speed --> markers")
+    path.write_text(README_CLAIM.sub(lambda m: m.group(1) + claim + m.group(3), text, count=1))
+
+
 def summary(results: dict[str, Any]) -> list[str]:
     """A few sentences read off the numbers (never written by hand)."""
     rows = [r for r in results["rows"] if "of_read" in r]
@@ -464,26 +505,11 @@ def summary(results: dict[str, Any]) -> list[str]:
             f"- polyak's peak RSS stayed at or below {top:.0f} MiB in every merge case "
             "(interpreter and imports included)."
         )
-    for method in CONTENDERS[2:]:
-        pairs = [
-            (
-                r,
-                next(
-                    p
-                    for p in polyak_rows
-                    if p["case"] == r["case"] and p["method"] == "polyak 2 threads"
-                ),
-            )
-            for r in rows
-            if r["method"] == method and any(p["case"] == r["case"] for p in polyak_rows)
-        ]
-        if pairs:
-            speed = [p["gb_per_s"] / r["gb_per_s"] for r, p in pairs]
-            mem = max(r["peak_rss_mib"] for r, _ in pairs)
-            lines.append(
-                f"- {method}: polyak (2 threads) was {min(speed):.1f}x to "
-                f"{max(speed):.1f}x as fast; its peak RSS reached {mem:.0f} MiB."
-            )
+    for method, (speed, mem) in speedups(results).items():
+        lines.append(
+            f"- {method}: polyak (2 threads) was {min(speed):.1f}x to "
+            f"{max(speed):.1f}x as fast; its peak RSS reached {mem:.0f} MiB."
+        )
     return lines
 
 
@@ -728,6 +754,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f.write(markdown(results))
     plotted = ", memory_scaling.png" if results["scaling"] else ""
     print(f"written: RESULTS.md, results.json{plotted} in {args.out}")
+    claim = readme_claim(results)
+    if Path(args.out).resolve() == HERE and claim:
+        update_readme(claim)  # the committed results: the README quotes them
+        print(f"README.md: {claim}")
     return results
 
 

@@ -31,6 +31,9 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax's own files, copied into _static: formulas render with no network, from the
+    # built site alone (the default loads MathJax from a CDN).
+    "sphinx-mathjax-offline",
     "schedule_plots",
     "api_coverage",
 ]
@@ -39,6 +42,9 @@ source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "generated", "examples", "Thumbs.db", ".DS_Store"]
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
+# Quotes and ellipses only: the default also turns "--" into an en dash, which mangles the
+# command-line options quoted in prose and tables (`--mib-32` rendered as "-mib-32").
+smartquotes_action = "qe"
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"

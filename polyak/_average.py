@@ -129,10 +129,10 @@ def average_named(
     # of int leaves) must not let a bad value through.
     _kernel.accumulator_dtype(np.float32, accumulate_dtype)
 
-    ref_leaves, ref_acc, ref_spec = _tree.flatten(snaps[0])
+    ref_leaves, ref_acc, ref_spec = _tree.flatten(snaps[0], root(0))
     columns: list[list[Any]] = [[leaf] for leaf in ref_leaves]
     for i, snap in enumerate(snaps[1:], start=1):
-        leaves, acc, spec = _tree.flatten(snap)
+        leaves, acc, spec = _tree.flatten(snap, root(i))
         _tree.check_same_structure(spec, acc, ref_spec, ref_acc, root(i), root(0))
         for column, leaf in zip(columns, leaves):
             column.append(leaf)

@@ -1,6 +1,6 @@
-"""The exceptions polyak raises for bad input.
+"""The exceptions polyak raises for bad input, and the warning it gives about input order.
 
-Every one subclasses :class:`PolyakError`, itself a :class:`ValueError`, so callers can
+Every error subclasses :class:`PolyakError`, itself a :class:`ValueError`, so callers can
 catch all of polyak's input errors at once, or one kind precisely.
 """
 
@@ -15,6 +15,7 @@ __all__ = [
     "WeightsError",
     "ScheduleError",
     "NoOnlineFormError",
+    "OrderWarning",
 ]
 # show_value (below) is a message helper, not an error: kept out of __all__, which
 # polyak re-exports.
@@ -59,3 +60,11 @@ class ScheduleError(PolyakError):
 
 class NoOnlineFormError(ScheduleError):
     """The schedule has no online form ``decay(t)`` (it depends on the final count n)."""
+
+
+class OrderWarning(UserWarning):
+    """Numbered inputs are not in natural order (``epoch_10`` given before ``epoch_9``).
+
+    polyak keeps the order given, oldest first; pass ``sort="natural"`` (CLI:
+    ``--sort natural``) to order numbered names by their numbers instead.
+    """

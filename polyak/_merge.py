@@ -18,9 +18,10 @@ import functools
 import os
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from polyak._types import IntPolicy, PathLike, ScheduleLike
+from polyak.utils import order_inputs
 
 if TYPE_CHECKING:  # the safetensors package loads on the first merge, not on import polyak
     from polyak.safetensors import MergePlan, MergeReport
@@ -116,6 +117,7 @@ def merge(
     copy_files: bool = True,
     accumulate_dtype: Any = None,
     force: bool = False,
+    sort: Literal["natural"] | None = None,
 ) -> MergeReport:
     """Average checkpoints of any kind on disk into one safetensors checkpoint.
 
@@ -151,6 +153,9 @@ def merge(
         accumulate_dtype: raise the accumulation precision (``"float64"``).
         force: write into an existing folder that holds no previous polyak output (files
             with the output's names are replaced, all others kept).
+        sort: ``None`` keeps the order given (with a :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
 
     Returns:
         A :class:`polyak.safetensors.MergeReport`; ``copied`` lists the copied files.
@@ -168,6 +173,7 @@ def merge(
 
     Warns:
         ConfigWarning: model folders whose ``config.json`` differ beyond bookkeeping fields.
+        OrderWarning: numbered inputs out of natural order (without ``sort``).
 
     Example:
         >>> import os, tempfile, torch, polyak
@@ -186,6 +192,8 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy, threads=threads,
         max_shard_size=max_shard_size, accumulate_dtype=accumulate_dtype,
     )  # fmt: skip
+    if sort is not None:  # None: run_merge warns (the job's order check)
+        inputs = order_inputs(inputs, sort)
     ins, out, job_args = _prepare(inputs, output, key, copy_files)
     metadata = job_args.pop("metadata")
     (report,) = run_merge(

@@ -2,19 +2,51 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Any
 
 import optree
 
-from polyak._errors import StructureError
+from polyak._errors import PolyakError, StructureError
 
-__all__ = ["flatten", "where", "check_same_structure", "path_mismatch"]
+__all__ = ["flatten", "where", "check_same_structure", "path_mismatch", "refuse_model"]
 
 
-def flatten(tree: Any) -> tuple[list[Any], list[optree.PyTreeAccessor], optree.PyTreeSpec]:
-    """Leaves, their accessors and the treespec of ``tree`` (``None`` is an empty node)."""
+def refuse_model(tree: Any, where: str) -> None:
+    """Raise a PolyakError saying what to pass when ``tree`` is a torch module or a Keras
+    model: a pytree library sees one opaque leaf in a model, whose error ("dtype object
+    cannot be averaged") would not say what went wrong.
+
+    The frameworks are never imported here: a model exists only if its framework is in
+    ``sys.modules`` already.
+    """
+    torch = sys.modules.get("torch")
+    module = getattr(getattr(torch, "nn", None), "Module", None)
+    if module is not None and isinstance(tree, module):
+        raise PolyakError(
+            f"{where} is a torch {type(tree).__name__} module, not a pytree of arrays: pass "
+            "its model.state_dict(), or average the module itself with "
+            "polyak.torch.ModelAverager(model)"
+        )
+    keras_model = getattr(sys.modules.get("keras"), "Model", None)
+    if isinstance(keras_model, type) and isinstance(tree, keras_model):
+        raise PolyakError(
+            f"{where} is a Keras {type(tree).__name__} model, not a pytree of arrays: pass "
+            "model.get_weights() (and model.set_weights(average) after), or use "
+            "polyak.keras.average_weights / polyak.keras.WeightAveraging"
+        )
+
+
+def flatten(
+    tree: Any, root: str = "snapshots[0]"
+) -> tuple[list[Any], list[optree.PyTreeAccessor], optree.PyTreeSpec]:
+    """Leaves, their accessors and the treespec of ``tree`` (``None`` is an empty node).
+
+    Raises PolyakError when ``tree`` is a torch module or Keras model (named ``root``)."""
     accessors, leaves, spec = optree.tree_flatten_with_accessor(tree)
+    if len(leaves) == 1 and leaves[0] is tree:  # a lone leaf: maybe a model passed by mistake
+        refuse_model(tree, root)
     return leaves, accessors, spec
 
 

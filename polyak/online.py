@@ -34,7 +34,7 @@ from polyak import _kernel
 from polyak import _online_leaves as _leaves
 from polyak import schedules as _schedules
 from polyak._errors import EmptyInputError, NoOnlineFormError
-from polyak._tree import path_mismatch, where
+from polyak._tree import path_mismatch, refuse_model, where
 from polyak._types import IntPolicy
 
 __all__ = ["OnlineState", "init", "update", "value", "no_online_form"]
@@ -131,6 +131,8 @@ def update(
     # Plain flattening: leaf accessors cost a third of an update's Python overhead and only
     # name leaves in errors, so they are made only then (or when the containers differ).
     leaves, spec = optree.tree_flatten(params)
+    if len(leaves) == 1 and leaves[0] is params:  # a lone leaf: maybe a model passed by mistake
+        refuse_model(params, _ROOT)
     leaves = [_leaves.as_array(leaf) for leaf in leaves]
     if state.count == 0:
         _kernel.accumulator_dtype(np.float32, accumulate_dtype)  # checked even with no floats

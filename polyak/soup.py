@@ -283,7 +283,7 @@ def _read(snapshot: Any, root: str) -> tuple[Any, _Layout]:
 
 def _layout(tree: Any, root: str) -> _Layout:
     """Flatten ``tree`` (named ``root`` in messages) into a :class:`_Layout`."""
-    leaves, accessors, treespec = _tree.flatten(tree)
+    leaves, accessors, treespec = _tree.flatten(tree, root)
     leaves = [_backend.get(x).as_array(x) for x in leaves]
     layout = _Layout(leaves, accessors, treespec, root)
     for j, k in enumerate(layout.kinds):

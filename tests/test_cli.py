@@ -70,7 +70,11 @@ def test_merge_matches_average(run, tmp_path, flags, schedule):
     assert proc.returncode == 0, proc.stderr
     assert "merged 3 tensors" in proc.stdout
     _same(pst.load(out), polyak.average(trees, schedule))
-    assert proc.stderr == ""  # not a terminal: no progress bar
+    # Not a terminal: no progress bar; only the schedule a lone parameter implies is said.
+    flag = flags[0] if flags else ""
+    implied = {"--decay": "ema", "--last": "tail"}.get(flag)
+    said = f"polyak: {flag} without --schedule: using --schedule {implied}\n" if implied else ""
+    assert proc.stderr == said
 
 
 def test_merge_dtype_and_sharded_output(run, tmp_path):

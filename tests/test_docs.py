@@ -16,10 +16,12 @@ import doctest
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,27 +160,24 @@ def test_block_extraction() -> None:
     assert not runnable_shell("pip install .\npolyak demo\n")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(
-    any(importlib.util.find_spec(m) is None for m in ("sphinx", "myst_parser", "furo")),
-    reason="the docs extra (sphinx, myst-parser, furo) is not installed",
-)
-def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
-    # The documented command, with -W: any warning (a broken reference, a docstring that
-    # does not parse, an undocumented public name) fails the build.
+SPHINX_MISSING = [
+    m
+    for m in ("sphinx", "myst_parser", "furo", "sphinx-mathjax-offline")
+    if importlib.util.find_spec(m) is None
+]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, built once for this module by the documented command, with -W."""
+    if SPHINX_MISSING:
+        pytest.skip(f"the docs extra is not installed (missing: {SPHINX_MISSING})")
+    html = tmp_path_factory.mktemp("site") / "html"
+    # Any warning (a broken reference, a docstring that does not parse, an undocumented
+    # public name) fails the build.
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "sphinx",
-            "-W",
-            "--keep-going",
-            "-b",
-            "html",
-            "-q",
-            str(DOCS),
-            str(tmp_path / "html"),
-        ],
+        [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-b", "html", "-q",
+         str(DOCS), str(html)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -186,9 +185,18 @@ def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         },
-    )
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
-    html = tmp_path / "html"
+    return html
+
+
+def html_pages(site: Path) -> list[Path]:
+    return sorted(p for p in site.rglob("*.html") if "_static" not in p.parts)
+
+
+@pytest.mark.slow
+def test_sphinx_html_build_has_no_warnings(site: Path) -> None:
+    html = site
     assert (html / "index.html").exists()
     assert (html / "api" / "schedules.html").exists()
     plots = list((html / "_images").glob("schedule_*.png"))
@@ -199,3 +207,102 @@ def test_sphinx_html_build_has_no_warnings(tmp_path: Path) -> None:
     for page in (html / "api").glob("*.html"):
         text = page.read_text()
         assert ":py:obj:" not in text and ".. autosummary" not in text, page.name
+
+
+SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc=\"([^\"]+)\"")
+MATH_ELEMENT = re.compile(r'class="math notranslate nohighlight"')
+
+
+@pytest.mark.slow
+def test_site_loads_no_script_from_the_network(site: Path) -> None:
+    # Formulas render without a network: the math renderer is a file of the site itself.
+    with_math = 0
+    for page in html_pages(site):
+        text = page.read_text()
+        for src in SCRIPT_SRC.findall(text):
+            assert "//" not in src and ":" not in src, f"{page.name} loads {src}"
+            assert (page.parent / src.split("?")[0]).is_file(), f"{page.name}: {src} missing"
+        if MATH_ELEMENT.search(text):
+            with_math += 1
+            assert any("mathjax" in s.lower() for s in SCRIPT_SRC.findall(text)), page.name
+    assert with_math >= 3, "the formulas of concepts/schedules pages were not found"
+
+
+def browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(browser() is None, reason="no headless Chromium (apt-get install chromium)")
+def test_formulas_render_in_a_browser_without_network(site: Path, tmp_path: Path) -> None:
+    # Headless Chromium with every host name unresolvable: each formula of the page must
+    # become a MathJax element, none of them an error box.
+    for name in ("schedules.html", "concepts.html"):
+        page = site / name
+        expected = len(MATH_ELEMENT.findall(page.read_text()))
+        assert expected >= 5, name
+        proc = subprocess.run(
+            [browser(), "--headless", "--no-sandbox", "--disable-gpu",
+             f"--user-data-dir={tmp_path / 'profile'}",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=20000",
+             "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        dom = proc.stdout
+        assert proc.returncode == 0 and "</html>" in dom, proc.stderr[-2000:]
+        rendered = dom.count("<mjx-container")
+        assert rendered == expected, f"{name}: {rendered} of {expected} formulas rendered"
+        assert "<mjx-merror" not in dom, f"{name}: a formula failed to render"
+
+
+@pytest.mark.slow
+def test_command_line_options_keep_their_double_dash(site: Path) -> None:
+    # "--mib-32" in prose or a table must not become an en dash ("\u2013mib-32").
+    text = (site / "benchmarks.html").read_text()
+    assert "--mib-32" in text
+    assert "\u2013mib" not in text and "&#8211;mib" not in text
+
+
+def test_readme_command_lines_run_without_a_warning(in_tmp: Path) -> None:
+    # The README's `polyak` commands, on checkpoints named as they name them: each runs, and
+    # none warns (an unsorted glob, or a schedule that gives the oldest input the most weight).
+    import polyak.safetensors as pst
+
+    rng = np.random.default_rng(0)
+    (in_tmp / "ckpt").mkdir()
+    for e in (8, 9, 10):
+        pst.save({"w": rng.standard_normal((4, 4)).astype(np.float32)},
+                 in_tmp / "ckpt" / f"epoch_{e}.safetensors")  # fmt: skip
+    for step in (100, 200, 1000):
+        tree = {f"layer{i}.w": rng.standard_normal((32, 32)).astype(np.float32) for i in range(4)}
+        pst.save(tree, in_tmp / "run" / f"step_{step}", max_shard_size=9000)
+    # Trainer checkpoint folders (weights and a config) and Lightning .ckpt files (the state
+    # dict under "state_dict"), as the README's other merge lines name them.
+    for step in (100, 200, 300):
+        folder = in_tmp / "run" / f"checkpoint-{step}"
+        folder.mkdir()
+        pst.save({"w": rng.standard_normal((4, 4)).astype(np.float32)},
+                 folder / "model.safetensors")  # fmt: skip
+        (folder / "config.json").write_text('{"model_type": "demo"}')
+    torch = pytest.importorskip("torch")
+    (in_tmp / "lightning").mkdir()
+    for epoch in (3, 9, 10):
+        torch.save({"state_dict": {"w": torch.full((4,), float(epoch))}, "epoch": epoch},
+                   in_tmp / "lightning" / f"epoch={epoch}.ckpt")  # fmt: skip
+    shells = [
+        c for lang, c, _ in blocks(ROOT / "README.md") if lang == "bash" and runnable_shell(c)
+    ]
+    assert shells, "the README shows no `polyak` command block"
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": path}
+    for code in shells:
+        script = 'set -euo pipefail\npolyak() { "$PYTHON" -m polyak "$@"; }\n' + code
+        proc = subprocess.run(["bash", "-c", script], cwd=in_tmp, env=env,
+                              capture_output=True, text=True)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "warning" not in proc.stderr.lower(), proc.stderr
+    assert (in_tmp / "averaged").is_dir() and (in_tmp / "averaged.safetensors").is_file()

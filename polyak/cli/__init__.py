@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
-        p.set_defaults(run=run)
+        # The subcommand's own parser: its usage line heads the errors found after parsing.
+        p.set_defaults(run=run, parser=p)
     return parser
 
 
@@ -82,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.flush()  # here, so that a closed pipe is handled below
         return code
     except CliError as e:
-        parser.error(str(e))  # exits with status 2
+        args.parser.error(str(e))  # `usage: polyak merge ...`, then exits with status 2
     except (PolyakError, OutputWriteError) as e:
         print(f"polyak: error: {e}", file=sys.stderr)
         return 1

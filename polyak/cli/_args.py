@@ -93,6 +93,8 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *, positional: bool 
         )  # fmt: skip
     for flag, (key, typ, text) in _SCHEDULE_PARAMS.items():
         metavar = "K" if key == "k" else key.upper()
+        if key in _IMPLIED:  # say what the flag does on its own, as schedule_from_args does it
+            text += f" (without --schedule, implies --schedule {_IMPLIED[key]})"
         group.add_argument(flag, dest=f"sp_{key}", type=typ, metavar=metavar, help=text)
     group.add_argument(
         "--weights", default=None, metavar="W1,W2,...",
@@ -186,6 +188,9 @@ def schedule_from_args(args: argparse.Namespace) -> Any:
                 f"parameters {sorted(params)} belong to different schedules; pass --schedule"
             )
         name = implied.pop() if implied else "equal"
+        if name != "equal":  # the inference is said, never silent (issue 14)
+            given = ", ".join(f for f, (k, _, _) in _SCHEDULE_PARAMS.items() if k in params)
+            print(f"polyak: {given} without --schedule: using --schedule {name}", file=sys.stderr)
     _check_schedule_params(name, params)
     return schedules.get(name, **params)
 

@@ -34,8 +34,9 @@ _SHOWN = "encoder.bias"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of ``polyak demo``."""
     p.add_argument("--dir", default=None,
-                   help="folder with checkpoints to use, or where to generate them "
-                   "(default: a temporary folder, removed afterwards)")  # fmt: skip
+                   help="folder with checkpoints to use, or where to generate them and keep "
+                   "them with the merges (default: a temporary folder, deleted at the end, "
+                   "so the commands shown cannot be re-run)")  # fmt: skip
     p.add_argument("-n", type=int, default=5, help="checkpoints to generate (default 5)")
 
 
@@ -70,7 +71,7 @@ def make_demo_checkpoints(folder: str, n: int, seed: int = 0) -> list[str]:
     return paths
 
 
-def _checkpoints(folder: str, n: int) -> list[str]:
+def _checkpoints(folder: str, n: int, temporary: bool) -> list[str]:
     """The checkpoints found in ``folder`` (natural order), else ``n`` new ones."""
     found = sorted(
         (os.path.join(folder, f) for f in os.listdir(folder)
@@ -83,6 +84,11 @@ def _checkpoints(folder: str, n: int) -> list[str]:
     paths = make_demo_checkpoints(folder, n)
     size = sum(os.path.getsize(p) for p in paths)
     print(f"generated {len(paths)} checkpoints in {folder} ({format_bytes(size)} in all)")
+    if temporary:
+        print(
+            "  (a temporary folder: it is deleted when the demo ends; run "
+            "`polyak demo --dir DIR` to keep the checkpoints and re-run the commands below)"
+        )
     return paths
 
 
@@ -119,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     folder = tempfile.mkdtemp(prefix="polyak-demo-") if own else args.dir
     try:
         os.makedirs(folder, exist_ok=True)
-        paths = _checkpoints(folder, args.n)
+        paths = _checkpoints(folder, args.n, own)
         names = [os.path.basename(p) for p in paths]
         for label, _, params in SCHEDULES:
             sched = polyak.schedules.get(label, **params)
@@ -134,3 +140,4 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if own:
             shutil.rmtree(folder, ignore_errors=True)
+            print(f"deleted {folder} (pass --dir DIR to keep the checkpoints and merges)")

@@ -31,10 +31,10 @@ safetensors; for model folders into a folder output, the newest input's config a
 tokenizer files are copied too (never optimizer or trainer state).
 
 examples:
-  polyak merge run/epoch_*.safetensors -o avg.safetensors
+  polyak merge run/epoch_*.safetensors -o avg.safetensors --sort natural
   polyak merge run/checkpoint-100 run/checkpoint-200 run/checkpoint-300 -o averaged/
-  polyak merge lightning/epoch=*.ckpt -o avg.safetensors --key state_dict
-  polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule ema --decay 0.9 --dtype bf16
+  polyak merge lightning/epoch=*.ckpt -o avg.safetensors --key state_dict --sort natural
+  polyak merge ckpt-1000 ckpt-2000 ckpt-3000 -o avg/ --schedule exponential --alpha 2 --dtype bf16
   polyak merge a.safetensors b.safetensors -o avg.safetensors --weights 1,3 --dry-run
 """
 
@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-copy-files", dest="copy_files", action="store_false",
         help="do not copy config and tokenizer files of model folders into the output",
+    )  # fmt: skip
+    p.add_argument(
+        "--sort", choices=["natural"], default=None,
+        help="natural: order numbered names by their numbers (epoch_9 before epoch_10), as a "
+        "shell glob does not; default: the order given, with a warning when it is not natural",
     )  # fmt: skip
     add_schedule_arguments(p)
     p.add_argument(
@@ -103,8 +108,10 @@ def run(args: argparse.Namespace) -> int:
     from polyak import _merge
     from polyak import safetensors as st
     from polyak.checkpoints import ConfigWarning
-    from polyak.safetensors._order import natural_order_problem
+    from polyak.utils import order_inputs, order_problem
 
+    if args.sort:
+        args.inputs = order_inputs(args.inputs, args.sort)
     sched = schedule_from_args(args)
     n = len(args.inputs)
     if sched.name == "explicit" and len(sched.params["weights"]) != n:
@@ -112,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
             f"--weights gives {len(sched.params['weights'])} weights for {n} checkpoints; "
             "give one per checkpoint, oldest first"
         )
-    problem = natural_order_problem(args.inputs)
+    problem = order_problem(args.inputs)
     if problem:
         print(f"polyak: warning: {problem}", file=sys.stderr)
+    _note_oldest_weighs_most(sched, n)
     common = dict(
         normalize=args.normalize, dtype=args.dtype, int_policy=args.int_policy,
         accumulate_dtype=args.accumulate_dtype, threads=args.threads,
@@ -148,6 +156,23 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _note_oldest_weighs_most(sched: Any, n: int) -> None:
+    """Say so when the oldest input gets the largest weight: what ``ema`` does over a few
+    checkpoints (it starts from its first snapshot), rarely what "recent weighs most" meant."""
+    from polyak import weights
+
+    w = [float(x) for x in weights(sched, n)]
+    if n < 2 or w[0] <= max(w[1:]):
+        return
+    shown = ", ".join(f"{x:.3g}" for x in w)
+    print(
+        f"polyak: note: {sched!r} gives the OLDEST input the largest weight over these {n} "
+        f"checkpoints (weights, oldest first: {shown}). For recent checkpoints weighing most, "
+        "use --schedule exponential (or linear)",
+        file=sys.stderr,
+    )
 
 
 def _print_plan(plan: Any, sched: Any, inputs: Sequence[str]) -> None:

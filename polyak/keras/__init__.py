@@ -18,6 +18,7 @@ from polyak.keras._average import average_files, average_models, average_weights
 from polyak.keras._batchnorm import update_batchnorm
 from polyak.keras._callback import WeightAveraging
 from polyak.keras._files import ModelFileError
+from polyak.keras._names import set_weights
 from polyak.keras._soup import greedy_soup
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "average_files",
     "update_batchnorm",
     "WeightAveraging",
+    "set_weights",
     "greedy_soup",
 ]
 

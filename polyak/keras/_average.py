@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -16,6 +16,7 @@ from polyak._average import average, weights
 from polyak._types import PathLike, ScheduleLike
 from polyak.keras import _files
 from polyak.keras._layout import check_all, check_layout, empty_copy, layout, nonempty
+from polyak.utils import order_inputs
 
 __all__ = ["average_weights", "average_models", "average_files"]
 
@@ -157,6 +158,7 @@ def average_files(
     *,
     model: keras.Model | None = None,
     accumulate_dtype: Any = None,
+    sort: Literal["natural"] | None = None,
 ) -> keras.Model:
     """Average saved Keras models, loading one file at a time.
 
@@ -174,6 +176,9 @@ def average_files(
             when given, every file is loaded into a clone of it with ``load_weights`` (cheaper
             than rebuilding each model). ``model`` itself is left unchanged.
         accumulate_dtype: As for :func:`average_weights`; checked before any file is read.
+        sort: ``None`` keeps the order given (with a :class:`polyak.OrderWarning` when
+            numbered names are out of natural order, as ``sorted(glob(...))`` puts
+            ``epoch_10`` before ``epoch_9``); ``"natural"`` orders them by their numbers.
 
     Returns:
         A model holding the averaged weights: the clone of ``model``, or else the model of the
@@ -181,16 +186,19 @@ def average_files(
 
     Raises:
         EmptyInputError: ``paths`` is empty.
+        PolyakError: ``sort`` is neither None nor ``"natural"``.
         ModelFileError: a file is missing, of another kind, or cannot be loaded (the message
             names ``paths[i]``), or a ``.weights.h5`` file is given without ``model``.
         StructureError, ShapeError, DtypeError: a file's architecture differs from the first
             one's (the message names the layer and ``paths[i]``).
 
     Example:
-        >>> paths = sorted(glob.glob("checkpoints/epoch_*.keras"))  # doctest: +SKIP
-        >>> model = polyak.keras.average_files(paths[-10:], "exponential")  # doctest: +SKIP
+        >>> paths = glob.glob("checkpoints/epoch_*.keras")  # doctest: +SKIP
+        >>> model = polyak.keras.average_files(  # doctest: +SKIP
+        ...     paths, "exponential", sort="natural"
+        ... )
     """
-    paths = [os.fspath(p) for p in nonempty(paths, "paths")]
+    paths = [os.fspath(p) for p in order_inputs(nonempty(paths, "paths"), sort)]
     _files.check_files(paths, model is not None)
     _kernel.accumulator_dtype(np.float32, accumulate_dtype)  # checked before any read
     coefficients, divisor = _kernel.split_weights(weights(schedule, len(paths)))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -11,17 +13,9 @@ import numpy as np
 from polyak import Averager, SnapshotDir, schedules
 from polyak._errors import EmptyInputError, NoOnlineFormError, PolyakError
 from polyak._types import PathLike, ScheduleLike
+from polyak.keras._names import weight_names
 
 __all__ = ["WeightAveraging"]
-
-
-def _weight_names(model: Any) -> list[str]:
-    """Snapshot tensor names in get_weights() order: variable paths without the model name."""
-    prefix = model.name + "/"
-    names = [v.path[len(prefix) :] if v.path.startswith(prefix) else v.path for v in model.weights]
-    if len(set(names)) < len(names):  # two variables with one path: keep them apart by index
-        names = [f"{i:04d}:{name}" for i, name in enumerate(names)]
-    return names
 
 
 def _check_args(start_epoch: Any, every: Any, snapshot_dir: Any, keep: Any) -> None:
@@ -58,6 +52,12 @@ class WeightAveraging(keras.callbacks.Callback):
     form such as ``tail(k)``: for those the average at the end is taken over the saved
     snapshots (the newest ``keep``), and ``snapshot_dir`` is required.
 
+    With ``swap_for_validation=True`` (the option of the same name in
+    :class:`polyak.lightning.WeightAveraging`, as Keras' own ``use_ema`` evaluates with its
+    EMA), each validation run during ``fit()`` sees the average, the current epoch's weights
+    included, and training resumes from its own weights, restored bit for bit.
+    :meth:`applied` does the same swap outside ``fit()``.
+
     .. note::
         After swapping in averaged weights, recompute BatchNormalization statistics with
         :func:`update_batchnorm` if the model has any: the average of moving statistics does
@@ -71,6 +71,8 @@ class WeightAveraging(keras.callbacks.Callback):
         start_epoch: First epoch (0-based, as Keras numbers them) whose weights are averaged.
         every: ``"epoch"`` or ``"batch"``: when a snapshot is taken.
         swap_on_end: Put the average into the model when ``fit()`` ends.
+        swap_for_validation: Validate with the average during ``fit()`` (``val_*`` logs are
+            the average's), then restore the training weights.
         snapshot_dir: A directory for the snapshots; it must not already hold snapshots.
         keep: Keep only the newest ``keep`` snapshot files (needs ``snapshot_dir``).
         accumulate_dtype: Raise the accumulators' precision (e.g. ``"float64"``), as in
@@ -96,6 +98,7 @@ class WeightAveraging(keras.callbacks.Callback):
         start_epoch: int = 0,
         every: str = "epoch",
         swap_on_end: bool = True,
+        swap_for_validation: bool = False,
         snapshot_dir: PathLike | None = None,
         keep: int | None = None,
         accumulate_dtype: np.dtype | str | None = None,
@@ -106,6 +109,7 @@ class WeightAveraging(keras.callbacks.Callback):
         self.start_epoch = start_epoch
         self.every = every
         self.swap_on_end = bool(swap_on_end)
+        self.swap_for_validation = bool(swap_for_validation)
         self.accumulate_dtype = accumulate_dtype
         self.snapshots = _snapshot_dir(snapshot_dir, keep)
         self.averager = self._averager()
@@ -117,6 +121,9 @@ class WeightAveraging(keras.callbacks.Callback):
         self.count = 0  # snapshots taken
         self._names: list[str] | None = None
         self._epoch = 0
+        self._taken_epoch: int | None = None  # the epoch already snapshotted (at validation)
+        self._fitting = False
+        self._swapped = contextlib.ExitStack()
 
     def _averager(self) -> Averager | None:
         if self.schedule.online:
@@ -131,7 +138,7 @@ class WeightAveraging(keras.callbacks.Callback):
     def _take(self, epoch: int, batch: int | None = None) -> None:
         model = self.model  # (with JAX, reading .model syncs the weights mid-epoch)
         if self._names is None:
-            self._names = _weight_names(model)
+            self._names = weight_names(model)
         params = dict(zip(self._names, model.get_weights()))
         if self.averager is not None:
             self.averager.update(params)
@@ -142,18 +149,42 @@ class WeightAveraging(keras.callbacks.Callback):
             self.snapshots.save(params, self.count, metadata=metadata)
         self.count += 1
 
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._fitting = True
+
     def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
         self._epoch = epoch
+
+    def on_test_begin(self, logs: Any = None) -> None:
+        if not (self.swap_for_validation and self._fitting):
+            return  # a model.evaluate(callbacks=[cb]) of the user's: left alone
+        # Keras validates before on_epoch_end: this epoch's snapshot is taken now, so that
+        # the validated average includes it (the weights cannot change before epoch end).
+        if self.every == "epoch" and self._epoch >= self.start_epoch:
+            self._take_epoch(self._epoch)
+        if self.count:
+            self._swapped.enter_context(self.applied())
+
+    def on_test_end(self, logs: Any = None) -> None:
+        self._swapped.close()  # the training weights come back, bit for bit
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         if self.every == "batch" and self._epoch >= self.start_epoch:
             self._take(self._epoch, batch)
 
-    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
-        if self.every == "epoch" and epoch >= self.start_epoch:
+    def _take_epoch(self, epoch: int) -> None:
+        if self._taken_epoch != epoch:
+            self._taken_epoch = epoch
             self._take(epoch)
 
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if self.every == "epoch" and epoch >= self.start_epoch:
+            self._take_epoch(epoch)
+
     def on_train_end(self, logs: Any = None) -> None:
+        self._fitting = False
+        self._taken_epoch = None  # a next fit() numbers its epochs from 0 again
+        self._swapped.close()
         if self.swap_on_end and self.count:
             self.model.set_weights(self.average)
 
@@ -173,3 +204,30 @@ class WeightAveraging(keras.callbacks.Callback):
         else:
             value = self.snapshots.average(self.schedule, accumulate_dtype=self.accumulate_dtype)
         return [np.asarray(value[name]) for name in self._names]
+
+    @contextlib.contextmanager
+    def applied(self) -> Iterator[Any]:
+        """Hold the average in the model for the ``with`` block, then put back the model's
+        own weights, bit for bit, even when the block raises.
+
+        Yields:
+            The model, holding the average.
+
+        Raises:
+            EmptyInputError: no snapshot has been taken yet.
+            PolyakError: the callback was never given a model (``fit()`` not run yet).
+
+        Example:
+            >>> with callback.applied():  # doctest: +SKIP
+            ...     model.evaluate(x_test, y_test)  # the average's score
+        """
+        model = getattr(self, "model", None)
+        if model is None:
+            raise PolyakError("applied() needs the model: run fit() with this callback first")
+        average = self.average
+        own = model.get_weights()  # numpy copies: restoring them is bit-exact
+        model.set_weights(average)
+        try:
+            yield model
+        finally:
+            model.set_weights(own)

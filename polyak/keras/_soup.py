@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import keras
 import numpy as np
@@ -14,6 +14,7 @@ from polyak._errors import PolyakError
 from polyak._types import PathLike
 from polyak.keras import _files
 from polyak.keras._layout import check_all, check_layout, empty_copy, layout, nonempty
+from polyak.utils import order_inputs
 
 __all__ = ["greedy_soup"]
 
@@ -59,6 +60,7 @@ def greedy_soup(
     higher_is_better: bool = True,
     model: keras.Model | None = None,
     accumulate_dtype: Any = None,
+    sort: Literal["natural"] | None = None,
 ) -> soup.SoupResult:
     """Greedy model soup of Keras models or saved model files (Wortsman et al., 2022).
 
@@ -79,11 +81,15 @@ def greedy_soup(
             clone of it with ``load_weights`` (needed for ``.weights.h5`` files).
         accumulate_dtype: Raise the accumulation precision (``"float64"``), as in
             :func:`polyak.average`.
+        sort: For files: ``None`` keeps the order given (with a :class:`polyak.OrderWarning`
+            when numbered names are out of natural order; the order decides ties and
+            ``members``' indices); ``"natural"`` orders them by their numbers first.
 
     Returns:
         A :class:`polyak.soup.SoupResult` whose ``params`` is a new model holding the soup
         (a clone of the first model, or of ``model``, or the first file's model), compiled
-        like it when it is compiled; ``members`` index ``models_or_paths``.
+        like it when it is compiled; ``members`` index ``models_or_paths`` (naturally sorted
+        with ``sort="natural"``).
 
     Raises:
         EmptyInputError: nothing given.
@@ -106,7 +112,7 @@ def greedy_soup(
             "models_or_paths mixes models and file paths; give only models or only paths"
         )
     if all(is_path):
-        paths = [os.fspath(p) for p in items]
+        paths = [os.fspath(p) for p in order_inputs(items, sort)]
         _files.check_files(paths, model is not None)
         load, holder = _file_loader(paths, model)
     else:

@@ -15,6 +15,7 @@ Example:
     (0.25, 0.25, 0.25, 0.25)
 """
 
+from polyak._errors import OrderWarning as OrderWarning  # polyak.OrderWarning, kept here too
 from polyak.safetensors._errors import (
     CheckpointError,
     HeaderError,
@@ -23,7 +24,6 @@ from polyak.safetensors._errors import (
 )
 from polyak.safetensors._io import load, read_metadata, save
 from polyak.safetensors._merge import merge, merge_many, plan_merge
-from polyak.safetensors._order import OrderWarning
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 
@@ -35,7 +35,6 @@ __all__ = [
     "Checkpoint",
     "MergeReport",
     "MergePlan",
-    "OrderWarning",
     "plan_merge",
     "merge_many",
     "HeaderError",

@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import optree
 
-from polyak._errors import DtypeError, StructureError
+from polyak._errors import DtypeError, PolyakError, StructureError
 from polyak.safetensors._errors import HeaderError
 from polyak.safetensors._format import dtype_code
 from polyak.safetensors._parse import shard_size
@@ -118,12 +118,25 @@ def save(
         raise
 
 
-def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
-    """Read a safetensors file or sharded checkpoint directory into numpy arrays.
+# load(framework=...) -> the official reader's framework name (safetensors.safe_open).
+_FRAMEWORKS = {"torch": "pt", "jax": "flax"}
+
+
+def load(
+    path: str | os.PathLike[str], nested: bool = False, *, framework: str = "numpy"
+) -> dict[str, Any]:
+    """Read a safetensors file or sharded checkpoint directory into numpy arrays, or into
+    torch or JAX tensors.
+
+    With ``framework="numpy"`` (default) bf16 and fp8 tensors come as ``ml_dtypes`` arrays,
+    which ``torch.from_numpy`` refuses; ``framework="torch"`` gives ``torch.bfloat16``
+    tensors directly, read by the official ``safetensors`` library after polyak's strict
+    header check (``"jax"`` gives ``jax.Array``; the framework must be installed).
 
     Args:
         path: a ``.safetensors`` file or a sharded checkpoint directory.
         nested: split names on ``"."`` into nested dicts (``"a.b"`` -> ``{"a": {"b": ...}}``).
+        framework: ``"numpy"``, ``"torch"`` or ``"jax"``: the array type returned.
 
     Returns:
         ``{name: array}`` in file order (nested dicts when ``nested``).
@@ -132,6 +145,8 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
         CheckpointError: the path is not a checkpoint.
         HeaderError: a header is malformed (naming the file and tensor).
         StructureError: with ``nested``, a name is both a tensor and a prefix of another.
+        PolyakError: an unknown ``framework``.
+        ModuleNotFoundError: the framework is not installed.
 
     Example:
         >>> import numpy as np, tempfile, os
@@ -140,8 +155,16 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
         >>> load(p, nested=True)["a"]["b"]
         array([0, 1, 2])
     """
+    if framework != "numpy" and framework not in _FRAMEWORKS:
+        raise PolyakError(
+            f"framework={framework!r} is not one load() returns; use 'numpy', 'torch' or 'jax'"
+        )
     with Checkpoint(path) as ck:
-        flat = {name: ck.read_tensor(name) for name in ck.keys()}
+        if framework == "numpy":
+            flat = {name: ck.read_tensor(name) for name in ck.keys()}
+        else:
+            files = [os.path.join(ck.path, f) if ck.sharded else ck.path for f, _ in ck.layout()]
+            flat = _official(files, [names for _, names in ck.layout()], _FRAMEWORKS[framework])
     if not nested:
         return flat
     root: dict[str, Any] = {}
@@ -163,6 +186,19 @@ def load(path: str | os.PathLike[str], nested: bool = False) -> dict[str, Any]:
             )
         node[parts[-1]] = arr
     return root
+
+
+def _official(files: list[str], names: list[list[str]], framework: str) -> dict[str, Any]:
+    """The tensors of checked files read by the official reader (it converts bf16 and fp8
+    to the framework's own dtypes, which numpy cannot hold)."""
+    from safetensors import safe_open
+
+    flat: dict[str, Any] = {}
+    for file, keys in zip(files, names):
+        with safe_open(file, framework=framework) as f:
+            for name in keys:
+                flat[name] = f.get_tensor(name)
+    return flat
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str] | None:

@@ -18,12 +18,12 @@ from polyak._errors import EmptyInputError, PolyakError, WeightsError
 from polyak._types import PathLike, ScheduleLike
 from polyak.safetensors._errors import OutputError
 from polyak.safetensors._options import MergeOptions
-from polyak.safetensors._order import natural_order_problem
 from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._record import output_metadata
 from polyak.safetensors._writer import CheckpointWriter, output_size
 from polyak.schedules import Schedule, explicit, resolve
+from polyak.utils import order_problem
 
 __all__ = ["MergeJob", "resolve_weights", "check_paths"]
 
@@ -177,7 +177,7 @@ class MergeJob:
         shard_size(options.max_shard_size, outputs)  # refused for .safetensors outputs only
         entries = list(weights)
         self.inputs, self.outputs = check_paths(inputs, outputs, len(entries))
-        self.warnings = [w for w in [natural_order_problem(self.inputs)] if w]
+        self.warnings = [w for w in [order_problem(self.inputs)] if w]
         n = len(self.inputs)
         self.weights, own = resolve_weights(entries, n, normalize=options.normalize)
         self.checkpoints = [stack.enter_context(opener(p)) for p in self.inputs]

@@ -12,19 +12,20 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from polyak import _stream
 from polyak._deprecation import renamed
+from polyak._errors import OrderWarning
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.safetensors._errors import CheckpointError
 from polyak.safetensors._job import MergeJob
 from polyak.safetensors._options import MergeOptions
-from polyak.safetensors._order import OrderWarning
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
 from polyak.schedules import Schedule
+from polyak.utils import order_inputs
 
 __all__ = ["merge", "merge_many", "plan_merge", "run_merge", "describe", "Progress"]
 
@@ -46,6 +47,7 @@ def plan_merge(
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
+    sort: Literal["natural"] | None = None,
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
 
@@ -67,6 +69,9 @@ def plan_merge(
         schedules: per output, the schedule recorded in the metadata (sizes the header).
         metadata: per output, the ``__metadata__`` to write instead of the first input's.
         chunk_elements: elements per read-and-accumulate step (sizes the buffers).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
@@ -91,6 +96,8 @@ def plan_merge(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
+    if sort is not None:  # None: the plan lists the order problem in .warnings instead
+        inputs = order_inputs(inputs, sort)
     with contextlib.ExitStack() as stack:
         job = MergeJob(
             stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
@@ -129,6 +136,7 @@ def merge_many(
     schedules: Sequence[Schedule | None] | None = None,
     metadata: Sequence[Mapping[str, str] | None] | None = None,
     chunk_elements: int | None = None,
+    sort: Literal["natural"] | None = None,
     force: bool = False,
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
@@ -158,6 +166,9 @@ def merge_many(
             (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
             is added to every output either way.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
         force: write into existing folders that hold no previous polyak output.
 
     Returns:
@@ -191,6 +202,8 @@ def merge_many(
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
         chunk_elements=chunk_elements,
     )  # fmt: skip
+    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, sort)
     return run_merge(inputs, outputs, weights, options, progress, schedules, metadata, force=force)
 
 
@@ -304,6 +317,7 @@ def merge(
     progress: Progress = None,
     max_shard_size: int | str | None = None,
     accumulate_dtype: Any = None,
+    sort: Literal["natural"] | None = None,
     force: bool = False,
 ) -> MergeReport:
     """Average safetensors checkpoints on disk into one, in bounded memory.
@@ -330,6 +344,9 @@ def merge(
         max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
             for a directory ``output`` only.
         accumulate_dtype: raise the accumulation precision (``"float64"``).
+        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
+            numbered names are out of natural order); ``"natural"`` orders them by their
+            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
         force: write into an existing folder that holds no previous polyak output (files
             with the output's names are replaced, all others kept; see the guarantees guide).
 
@@ -364,5 +381,7 @@ def merge(
         normalize=normalize, dtype=dtype, int_policy=int_policy,
         accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
     )  # fmt: skip
+    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, sort)
     (report,) = run_merge(inputs, [output], [schedule], options, progress, force=force)
     return report

@@ -48,12 +48,19 @@ class MergeReport:
         """Input bytes per second, in GB/s (10**9)."""
         return self.bytes_read / max(self.seconds, 1e-9) / 1e9
 
+    def _speed(self) -> str:
+        """`` (1.5 GiB/s)`` when enough was read for a speed to mean something (at least
+        64 MiB and 10 ms: a tiny merge's time is Python's start-up, not reading), else ``""``."""
+        if self.bytes_read < 64 * 2**20 or self.seconds < 0.01:
+            return ""
+        return f" ({format_bytes(self.bytes_read / self.seconds)}/s)"
+
     def __str__(self) -> str:
         return (
             f"merged {self.tensors} tensors into {self.output}: "
             f"read {format_bytes(self.bytes_read)}, "
-            f"wrote {format_bytes(self.bytes_written)} in {self.seconds:.2f} s "
-            f"({self.read_gb_per_s:.2f} GB/s) with weights "
+            f"wrote {format_bytes(self.bytes_written)} in {self.seconds:.2f} s{self._speed()} "
+            f"with weights "
             f"[{', '.join(f'{w:.4g}' for w in self.weights)}]"
             + (f"; copied {', '.join(self.copied)}" if self.copied else "")
         )
