@@ -10,7 +10,6 @@ with one thread), not by the checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import warnings
@@ -20,6 +19,7 @@ import numpy as np
 
 from polyak.checkpoints._errors import CheckpointError, KeyChoiceError
 from polyak.checkpoints._identity import Fingerprints
+from polyak.checkpoints._table import TensorTable
 from polyak.checkpoints._unpickle import TORCH_DTYPES
 
 __all__ = ["DCPCheckpoint", "torch_to_numpy"]
@@ -52,7 +52,7 @@ def _prefixes(names: list[str], is_tensor: dict[str, bool]) -> list[str]:
     return found
 
 
-class DCPCheckpoint:
+class DCPCheckpoint(TensorTable):
     """A ``torch.distributed.checkpoint`` folder, read through DCP's ``FileSystemReader``.
 
     Implements the reader protocol of :mod:`polyak._stream`. Needs torch.
@@ -104,7 +104,7 @@ class DCPCheckpoint:
             )
         strip = len(key) + 1 if key is not None else 0
         self._fqn: dict[str, str] = {}
-        self._info: dict[str, tuple[np.dtype, tuple[int, ...], Any]] = {}
+        self._tensors: dict[str, tuple[np.dtype, tuple[int, ...], Any]] = {}
         for fqn in names:
             m = entries[fqn]
             tname = str(m.properties.dtype).removeprefix("torch.")
@@ -112,7 +112,7 @@ class DCPCheckpoint:
             if dtype is None:
                 raise CheckpointError(f"{self.path}: tensor {fqn!r}: unsupported dtype {tname}")
             self._fqn[fqn[strip:]] = fqn
-            self._info[fqn[strip:]] = (dtype, tuple(m.size), m.properties.dtype)
+            self._tensors[fqn[strip:]] = (dtype, tuple(m.size), m.properties.dtype)
         self._fingerprints = Fingerprints(
             [os.path.join(self.path, f) for f in sorted(os.listdir(self.path))
              if os.path.isfile(os.path.join(self.path, f))]
@@ -121,7 +121,7 @@ class DCPCheckpoint:
         self._loaded: dict[str, tuple[threading.Event, list]] = {}
 
     def _load(self, name: str) -> np.ndarray:
-        dtype, shape, tdtype = self._info[name]
+        dtype, shape, tdtype = self._tensors[name]
         t = self._torch.empty(shape, dtype=tdtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
@@ -150,13 +150,6 @@ class DCPCheckpoint:
         return slot
 
     # -- reader protocol -------------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self._info)
-
-    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
-        dtype, shape, _ = self._info[name]
-        return dtype, shape
-
     def read(self, name: str, elem_start: int, out: np.ndarray) -> None:
         """Copy elements ``elem_start...`` of tensor ``name`` into ``out``."""
         slot = self._acquire(name)
@@ -168,10 +161,6 @@ class DCPCheckpoint:
                 self._loaded.pop(name, None)
 
     # -- extras ----------------------------------------------------------------------------
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s) * d.itemsize for d, s, _ in self._info.values())
-
     def identities(self) -> set[tuple[int, int]]:
         return set()
 
@@ -179,19 +168,6 @@ class DCPCheckpoint:
         """Which file of the folder changed since it was opened, and how; or None."""
         return self._fingerprints.changed()
 
-    def read_tensor(self, name: str) -> np.ndarray:
-        """A new array holding the whole tensor ``name``."""
-        dtype, shape, _ = self._info[name]
-        out = np.empty(shape, dtype)
-        self.read(name, 0, out)
-        return out
-
     def close(self) -> None:
         with self._lock:
             self._loaded.clear()
-
-    def __enter__(self) -> DCPCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -13,6 +13,7 @@ from polyak.checkpoints._errors import CheckpointError
 from polyak.checkpoints._hf import find_weights
 from polyak.checkpoints._torchzip import TorchCheckpoint
 from polyak.safetensors import Checkpoint
+from polyak.safetensors._format import Closing
 
 __all__ = ["KINDS", "detect", "open_checkpoint", "ShardedCheckpoint"]
 
@@ -84,7 +85,7 @@ def detect(path: str | os.PathLike[str]) -> str:
     )
 
 
-class ShardedCheckpoint:
+class ShardedCheckpoint(Closing):
     """Several readers seen as one (a sharded ``pytorch_model-*.bin`` set)."""
 
     def __init__(self, path: str, parts: list[Any]) -> None:
@@ -127,12 +128,6 @@ class ShardedCheckpoint:
     def close(self) -> None:
         for p in self.parts:
             p.close()
-
-    def __enter__(self) -> ShardedCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _open_torch_files(path: str, files: list[str], key: str | None) -> Any:

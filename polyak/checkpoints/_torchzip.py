@@ -23,8 +23,9 @@ import numpy as np
 from polyak.checkpoints._errors import CheckpointError
 from polyak.checkpoints._identity import Fingerprints
 from polyak.checkpoints._nested import candidate_keys, select
+from polyak.checkpoints._table import TensorTable
 from polyak.checkpoints._unpickle import TORCH_DTYPES, TensorRef, load_pickle
-from polyak.safetensors._format import pread_into
+from polyak.safetensors._format import FdReader, pread_into
 
 __all__ = ["TorchCheckpoint", "MAX_PICKLE_BYTES"]
 
@@ -47,7 +48,7 @@ def _contiguous(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-class TorchCheckpoint:
+class TorchCheckpoint(TensorTable, FdReader):
     """A ``torch.save`` zip checkpoint (``.pt``, ``.pth``, ``.bin``, ``.ckpt``, ``.pth.tar``).
 
     Implements the reader protocol of :mod:`polyak._stream` (``keys``, ``info``, ``read``).
@@ -170,13 +171,6 @@ class TorchCheckpoint:
         return dtype, tuple(shape), start
 
     # -- reader protocol -------------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def info(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
-        dtype, shape, _ = self._tensors[name]
-        return dtype, shape
-
     def read(self, name: str, elem_start: int, out: np.ndarray) -> None:
         """Fill the C-contiguous ``out`` with elements ``elem_start...`` of tensor ``name``."""
         dtype, shape, start = self._tensors[name]
@@ -188,10 +182,6 @@ class TorchCheckpoint:
         pread_into(self._fd, memoryview(raw), start + elem_start * dtype.itemsize, self.path)
 
     # -- extras ----------------------------------------------------------------------------
-    @property
-    def nbytes(self) -> int:
-        return sum(math.prod(s) * d.itemsize for d, s, _ in self._tensors.values())
-
     def identities(self) -> set[tuple[int, int]]:
         return {self.identity}
 
@@ -199,25 +189,3 @@ class TorchCheckpoint:
         """How the file changed since it was opened, or None (checked before an output is
         committed, so that an average never mixes two versions of an input)."""
         return self._fingerprints.changed()
-
-    def read_tensor(self, name: str) -> np.ndarray:
-        """A new array holding the whole tensor ``name``."""
-        dtype, shape, _ = self._tensors[name]
-        out = np.empty(shape, dtype)
-        self.read(name, 0, out)
-        return out
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> TorchCheckpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +36,8 @@ __all__ = [
     "parse_header",
     "encode_header",
     "pread_into",
+    "Closing",
+    "FdReader",
     "PACKED",
     "storage_nbytes",
     "pack_f4",
@@ -199,6 +201,38 @@ class Header:
     tensors: Mapping[str, TensorInfo]
     metadata: Mapping[str, str] | None
     data_start: int
+
+
+_ReaderT = TypeVar("_ReaderT", bound="Closing")
+
+
+class Closing:
+    """``with reader:`` closes the reader at the end of the block: the context-manager half
+    that every checkpoint reader shares. Subclasses define :meth:`close`."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _ReaderT) -> _ReaderT:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FdReader(Closing):
+    """A reader owning one open file descriptor ``_fd`` (-1 once closed), closed by
+    :meth:`close`, by ``with`` and by garbage collection."""
+
+    _fd = -1
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:

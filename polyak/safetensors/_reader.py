@@ -20,6 +20,8 @@ from polyak.safetensors._errors import CheckpointError, HeaderError
 from polyak.safetensors._format import (
     MAX_HEADER_BYTES,
     PACKED,
+    Closing,
+    FdReader,
     TensorInfo,
     lone_surrogate,
     parse_header,
@@ -119,7 +121,7 @@ def fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class SafetensorsFile:
+class SafetensorsFile(FdReader):
     """One open safetensors file with a validated header.
 
     Raises:
@@ -186,21 +188,6 @@ class SafetensorsFile:
             return
         raw = out.reshape(-1).view(np.uint8)
         pread_into(self._fd, memoryview(raw), info.start + elem_start * item, self.path)
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> SafetensorsFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            self.close()
 
 
 def find_index(directory: str) -> str | None:
@@ -272,7 +259,7 @@ def read_index(index_path: str) -> tuple[dict[str, str], dict[str, Any]]:
     return weight_map, meta
 
 
-class Checkpoint:
+class Checkpoint(Closing):
     """A safetensors checkpoint: one file, or a directory of shards with an index.
 
     Implements the reader protocol of :mod:`polyak._stream` (``keys``, ``info``, ``read``,
@@ -415,9 +402,3 @@ class Checkpoint:
     def close(self) -> None:
         for f in self.files:
             f.close()
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
