@@ -151,6 +151,9 @@ def test_merge_averages_new_floats_once_and_e8m0_follows_int_policy(tmp_path, in
         mean = np.mean([x.astype(np.float64) for x in e8], axis=0)
         assert got["F8_E8M0"].tobytes() == mean.astype(ml_dtypes.float8_e8m0fnu).tobytes()
     assert report.weights == pytest.approx((1 / 3,) * 3)
+    # The report says which tensors were not averaged but followed int_policy.
+    assert report.scales == ("F8_E8M0",)
+    assert "1 F8_E8M0 scale tensors followed int_policy" in str(report)
 
 
 def test_merge_of_f4_files_matches_float64_reference(tmp_path):

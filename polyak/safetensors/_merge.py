@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from polyak import _stream
+from polyak import _kernel, _stream
 from polyak._deprecation import renamed
 from polyak._errors import OrderWarning
 from polyak._types import IntPolicy, PathLike, ScheduleLike
@@ -276,6 +276,7 @@ def run_merge(
             threads=threads,
             copied=tuple(job.copied(k)),
             nonfinite=nonfinite,
+            scales=tuple(p.name for p in job.plans if _kernel.is_scale(p.dtype)),
         )
         for k, (out, wr, w, sched) in enumerate(
             zip(job.outputs, writers, job.weights, job.schedules, strict=True)

@@ -29,6 +29,8 @@ class MergeReport:
         nonfinite: NaN and infinite elements met in the float tensors of the inputs read
             (propagated into the average, not repaired; 0 normally). Shared by all outputs
             of one ``merge_many`` pass.
+        scales: names of power-of-two scale tensors (``F8_E8M0``), which have no meaningful
+            average and follow ``int_policy`` like integer tensors.
     """
 
     output: str
@@ -42,6 +44,7 @@ class MergeReport:
     threads: int
     copied: tuple[str, ...] = ()
     nonfinite: int = 0
+    scales: tuple[str, ...] = ()
 
     @property
     def read_gb_per_s(self) -> float:
@@ -63,6 +66,11 @@ class MergeReport:
             f"with weights "
             f"[{', '.join(f'{w:.4g}' for w in self.weights)}]"
             + (f"; copied {', '.join(self.copied)}" if self.copied else "")
+            + (
+                f"; {len(self.scales)} F8_E8M0 scale tensors followed int_policy"
+                if self.scales
+                else ""
+            )
         )
 
 
