@@ -54,6 +54,13 @@ class OnlineState(NamedTuple):
             (float64 for ``"average"``).
         dtypes: The snapshots' leaf dtypes, in flattening order, which :func:`value` rounds
             the accumulators back to.
+
+    Example:
+        >>> import numpy as np
+        >>> from polyak import online, schedules
+        >>> state = online.update(online.init(), {"w": np.ones(2, np.float16)}, schedules.equal())
+        >>> state.count, state.average["w"].dtype, state.dtypes
+        (1, dtype('float32'), (dtype('float16'),))
     """
 
     count: int
@@ -184,7 +191,14 @@ def value(state: OnlineState) -> Any:
 
 
 def no_online_form(schedule: _schedules.Schedule) -> NoOnlineFormError:
-    """The error for a schedule with no online form, pointing to :class:`polyak.SnapshotDir`."""
+    """The error for a schedule with no online form, pointing to :class:`polyak.SnapshotDir`.
+
+    Example:
+        >>> from polyak import online, schedules
+        >>> err = online.no_online_form(schedules.tail(3))
+        >>> type(err).__name__, "SnapshotDir" in str(err)
+        ('NoOnlineFormError', True)
+    """
     return NoOnlineFormError(
         f"schedule {schedule!r} has no online form: its weights depend on the final number of "
         "snapshots, so a running average cannot fold them in one at a time. Save the snapshots "

@@ -316,10 +316,10 @@ def test_docstring_examples_run():
     import doctest
 
     import polyak.checkpoints as pc
-    from polyak.checkpoints import _hf, _open, _torchzip
+    from polyak.checkpoints import _dcp, _hf, _open, _torchzip
 
     attempted = 0
-    for module in (pc, _hf, _open, _torchzip):
+    for module in (pc, _dcp, _hf, _open, _torchzip):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, module.__name__
         attempted += result.attempted

@@ -269,8 +269,8 @@ def test_torch_frozen_parameters_are_averaged():
 
 def test_torch_float8_fold_on_accelerators():
     # Accelerators (acc not on the CPU) take TorchBackend.foreach_fold_device_cast; its code
-    # is device agnostic, so CPU tensors check it here. torch refuses to promote float8, which used to
-    # make every float8 update on a GPU fail.
+    # is device agnostic, so CPU tensors check it here. torch refuses to promote float8, which
+    # used to make every float8 update on a GPU fail.
     torch = pytest.importorskip("torch")
     from polyak import _backend
 
@@ -699,7 +699,7 @@ def test_ema_closed_form():
     assert math.isclose(float(avg.value[0]), float(expected[0]), rel_tol=1e-15)
 
 
-@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots"])
+@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots", "polyak.online"])
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -66,6 +66,18 @@ class DCPCheckpoint(TensorTable):
         CheckpointError: torch is missing, or the metadata cannot be read.
         KeyChoiceError: non-tensor entries without a key, or nothing under ``key``; the
             message lists the prefixes that hold only tensors.
+
+    Example:
+        >>> import tempfile, warnings, torch
+        >>> import torch.distributed.checkpoint as dcp
+        >>> from polyak.checkpoints import DCPCheckpoint
+        >>> d = tempfile.mkdtemp()
+        >>> with warnings.catch_warnings():  # one process, no process group: DCP says so
+        ...     warnings.simplefilter("ignore")
+        ...     _ = dcp.save({"model": {"w": torch.arange(3.0)}, "step": 5}, checkpoint_id=d)
+        >>> with DCPCheckpoint(d, key="model") as ckpt:
+        ...     ckpt.keys(), ckpt.read_tensor("w")
+        (['w'], array([0., 1., 2.], dtype=float32))
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key: str | None = None) -> None:

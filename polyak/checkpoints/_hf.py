@@ -86,6 +86,15 @@ def find_weights(folder: str) -> tuple[str, list[str]]:
 
     Raises:
         CheckpointError: the folder holds none of the known weight files.
+
+    Example:
+        >>> import os, tempfile
+        >>> from polyak.checkpoints import find_weights
+        >>> folder = tempfile.mkdtemp()
+        >>> open(os.path.join(folder, "model.safetensors"), "wb").close()
+        >>> kind, files = find_weights(folder)
+        >>> kind, [os.path.basename(f) for f in files]
+        ('safetensors', ['model.safetensors'])
     """
     for kind, name in WEIGHT_FILES:
         path = os.path.join(folder, name)

@@ -86,7 +86,23 @@ def detect(path: str | os.PathLike[str]) -> str:
 
 
 class ShardedCheckpoint(Closing):
-    """Several readers seen as one (a sharded ``pytorch_model-*.bin`` set)."""
+    """Several readers seen as one (a sharded ``pytorch_model-*.bin`` set).
+
+    Raises:
+        CheckpointError: a tensor name is in two parts.
+
+    Example:
+        >>> import numpy as np, os, tempfile
+        >>> import polyak.safetensors as pst
+        >>> from polyak.checkpoints import ShardedCheckpoint
+        >>> d = tempfile.mkdtemp()
+        >>> pst.save({"a": np.ones(2, np.float32)}, os.path.join(d, "1.safetensors"))
+        >>> pst.save({"b": np.zeros(3, np.float32)}, os.path.join(d, "2.safetensors"))
+        >>> parts = [pst.Checkpoint(os.path.join(d, f"{i}.safetensors")) for i in (1, 2)]
+        >>> with ShardedCheckpoint(d, parts) as ckpt:
+        ...     sorted(ckpt.keys()), ckpt.info("b")
+        (['a', 'b'], (dtype('float32'), (3,)))
+    """
 
     def __init__(self, path: str, parts: list[Any]) -> None:
         self.path = path
