@@ -233,7 +233,7 @@ def test_tied_weights_are_folded_once_and_keyed_twice():
     model = torch.nn.ModuleDict({"emb": emb, "head": head})
     avg = pt.ModelAverager(model, schedules.ema(0.5))
     snaps = []
-    for i in range(3):
+    for _ in range(3):
         with torch.no_grad():
             emb.weight.add_(1.0)
         snaps.append(emb.weight.detach().clone())

@@ -24,7 +24,9 @@ from polyak import schedules  # noqa: E402
 
 def make_model() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    return torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2)
+    )
 
 
 def steps(model: torch.nn.Module, n: int, seed: int = 1):
@@ -170,7 +172,8 @@ def test_optax_ema(debias):
 def test_keras_use_ema_is_ema():
     os.environ.setdefault("KERAS_BACKEND", "jax")
     if importlib.util.find_spec("keras") is None or (
-        "keras" not in sys.modules and importlib.util.find_spec(os.environ["KERAS_BACKEND"]) is None
+        "keras" not in sys.modules
+        and importlib.util.find_spec(os.environ["KERAS_BACKEND"]) is None
     ):
         pytest.skip("needs keras and its backend")
     import keras
