@@ -57,6 +57,8 @@ napoleon_use_rtype = False
 # Attributes sections as fields of their class: NamedTuple fields are already documented by
 # autodoc, and a second description of each would be a duplicate-object warning.
 napoleon_use_ivar = True
+# The keywords a TypedDict of settings declares (polyak.safetensors.MergeSettings).
+napoleon_custom_sections = [("Keys", "params_style")]
 
 html_theme = "furo"
 html_title = f"polyak {release}"

@@ -18,13 +18,15 @@ import functools
 import os
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from polyak._types import IntPolicy, PathLike, ScheduleLike
+from polyak._types import PathLike, ScheduleLike
 from polyak.utils import order_inputs
 
 if TYPE_CHECKING:  # the safetensors package loads on the first merge, not on import polyak
-    from polyak.safetensors import MergePlan, MergeReport
+    from typing_extensions import Unpack
+
+    from polyak.safetensors import CheckpointMergeSettings, MergePlan, MergeReport
 
 __all__ = ["merge", "plan", "TORCH_SUFFIXES"]
 
@@ -86,38 +88,34 @@ def _inputs_setup(
 
 
 def _prepare(
-    inputs: Sequence[PathLike], output: PathLike, key: str | None, copy_files: bool
-) -> tuple[list[str], str, dict[str, Any]]:
+    caller: str, inputs: Sequence[PathLike], output: PathLike, settings: dict[str, Any]
+) -> tuple[list[str], str, Any, dict[str, Any]]:
+    """Inputs and output checked, the options, and :class:`MergeJob`'s keywords."""
     from polyak.checkpoints import open_checkpoint
+    from polyak.safetensors import CheckpointMergeSettings
     from polyak.safetensors._job import check_paths
+    from polyak.safetensors._options import MergeOptions
 
+    options = MergeOptions.parse(caller, settings, CheckpointMergeSettings)
+    if options.sort is not None:  # None: the job's order check warns (or the plan lists it)
+        inputs = order_inputs(inputs, options.sort)
     out = _check_output(output)
     ins, _ = check_paths(inputs, [out], 1)
+    copy_files = settings.get("copy_files", True)
     extra, metadata = _inputs_setup(ins, out, copy_files, stacklevel=4)
     job_args = {
-        "opener": functools.partial(open_checkpoint, key=key),
+        "opener": functools.partial(open_checkpoint, key=settings.get("key")),
         "extra_files": extra,
         "metadata": metadata,
     }
-    return ins, out, job_args
+    return ins, out, options, job_args
 
 
 def merge(
     inputs: Sequence[PathLike],
     output: PathLike,
     schedule: ScheduleLike = None,
-    *,
-    normalize: bool = True,
-    dtype: Any = None,
-    int_policy: IntPolicy = "last",
-    threads: int | None = None,
-    progress: Any = None,
-    max_shard_size: int | str | None = None,
-    key: str | None = None,
-    copy_files: bool = True,
-    accumulate_dtype: Any = None,
-    force: bool = False,
-    sort: Literal["natural"] | None = None,
+    **settings: Unpack[CheckpointMergeSettings],
 ) -> MergeReport:
     """Average checkpoints of any kind on disk into one safetensors checkpoint.
 
@@ -141,21 +139,16 @@ def merge(
         output: ``*.safetensors`` for one file; anything else is a folder (a sharded
             checkpoint, or a model folder). Names of torch files are refused.
         schedule: as in :func:`polyak.average` (None = equal weights, ``"linear"``...).
-        normalize: divide the weights by their sum.
-        dtype: cast float tensors of the output, e.g. ``"bfloat16"``.
-        int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
-        threads: worker threads (default: the usable cores, at most 8).
-        progress: ``True`` for a tqdm progress bar by bytes, or a callable ``(done, total)``.
-        max_shard_size: largest output shard, e.g. ``"5GB"``; for a folder output only.
-        key: where the weights sit in a nested torch or DCP checkpoint: ``"state_dict"``
-            (Lightning), ``"model"``, ``"state_dict_ema"``, dotted for deeper nesting.
-        copy_files: copy the newest model folder's non-weight model files (see above).
-        accumulate_dtype: raise the accumulation precision (``"float64"``).
-        force: write into an existing folder that holds no previous polyak output (files
-            with the output's names are replaced, all others kept).
-        sort: ``None`` keeps the order given (with a :class:`polyak.OrderWarning` when
-            numbered names are out of natural order); ``"natural"`` orders them by their
-            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
+        **settings: keyword settings (:class:`polyak.safetensors.CheckpointMergeSettings`):
+            those of :func:`polyak.safetensors.merge` (``normalize``, ``dtype``,
+            ``int_policy``, ``accumulate_dtype``, ``threads``, ``max_shard_size``,
+            ``chunk_elements``, ``sort``, ``progress``, ``force``), and:
+
+            - ``key``: where the weights sit in a nested torch or DCP checkpoint:
+              ``"state_dict"`` (Lightning), ``"model"``, ``"state_dict_ema"``, dotted for
+              deeper nesting.
+            - ``copy_files``: copy the newest model folder's non-weight model files (see
+              above; default True).
 
     Returns:
         A :class:`polyak.safetensors.MergeReport`; ``copied`` lists the copied files.
@@ -186,19 +179,9 @@ def merge(
         array([1., 1.], dtype=float32)
     """
     from polyak.safetensors._merge import run_merge
-    from polyak.safetensors._options import MergeOptions
 
-    options = MergeOptions(
-        normalize=normalize, dtype=dtype, int_policy=int_policy, threads=threads,
-        max_shard_size=max_shard_size, accumulate_dtype=accumulate_dtype,
-    )  # fmt: skip
-    if sort is not None:  # None: run_merge warns (the job's order check)
-        inputs = order_inputs(inputs, sort)
-    ins, out, job_args = _prepare(inputs, output, key, copy_files)
-    metadata = job_args.pop("metadata")
-    (report,) = run_merge(
-        ins, [out], [schedule], options, progress, None, metadata, force=force, **job_args
-    )
+    ins, out, options, job_args = _prepare("merge", inputs, output, dict(settings))
+    (report,) = run_merge(ins, [out], [schedule], options, **job_args)
     return report
 
 
@@ -206,21 +189,16 @@ def plan(
     inputs: Sequence[PathLike],
     output: PathLike,
     schedule: ScheduleLike = None,
-    *,
-    key: str | None = None,
-    copy_files: bool = True,
-    **options: Any,
+    **settings: Unpack[CheckpointMergeSettings],
 ) -> tuple[MergePlan, list[str]]:
     """What :func:`merge` would do, checked without writing: the
     :class:`polyak.safetensors.MergePlan` and the files it would copy (``polyak merge
-    --dry-run``). ``options`` are the keyword arguments of :func:`merge`."""
+    --dry-run``). ``settings`` are the keywords of :func:`merge`; ``progress`` and ``force``
+    are ignored, since nothing is written."""
     from polyak.safetensors._job import MergeJob
     from polyak.safetensors._merge import describe
-    from polyak.safetensors._options import MergeOptions
 
-    opts = MergeOptions(**options)
-    ins, out, job_args = _prepare(inputs, output, key, copy_files)
-    metadata = job_args.pop("metadata")
+    ins, out, options, job_args = _prepare("plan", inputs, output, dict(settings))
     with contextlib.ExitStack() as stack:
-        job = MergeJob(stack, ins, [out], [schedule], opts, metadata=metadata, **job_args)
+        job = MergeJob(stack, ins, [out], [schedule], options, **job_args)
         return describe(job), job.copied(0)

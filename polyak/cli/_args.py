@@ -1,7 +1,8 @@
-"""Argument helpers shared by the ``polyak`` subcommands: schedules, progress, tables.
+"""Argument helpers shared by the ``polyak`` subcommands: schedules, output, progress, tables.
 
-The schedule flags (``--decay``, ``--last``, ...) come from one table, so that every
-subcommand taking a schedule accepts the same flags with the same help.
+The schedule flags (``--decay``, ``--last``, ...) and the flags shaping what is written
+(``--dtype``, ``--threads``, ...) each come from one table, so that every subcommand taking
+them accepts the same flags with the same help.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ __all__ = [
     "CliError",
     "add_schedule_arguments",
     "schedule_from_args",
+    "add_output_arguments",
+    "output_settings",
     "add_progress_arguments",
     "wants_progress",
     "parse_numbers",
@@ -51,6 +54,32 @@ _IMPLIED = {
     "gamma": "power",
     "sigma_rel": "power",
 }
+
+# flag -> add_argument keywords; the dest of each is a key of polyak.safetensors.MergeSettings.
+_OUTPUT_FLAGS: dict[str, dict[str, Any]] = {
+    "--dtype": dict(
+        default=None,
+        help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
+        "(default: keep each tensor's dtype); fp8_e4m3 saturates to +-448, as torch does",
+    ),
+    "--int-policy": dict(
+        default="last", choices=["last", "first", "average", "error"],
+        help="integer/bool tensors: take the last (default), first, average, or fail",
+    ),
+    "--accumulate-dtype": dict(
+        default=None, metavar="DTYPE",
+        help="accumulate in this dtype, e.g. float64 (default: float32, float64 for float64)",
+    ),
+    "--threads": dict(
+        type=int, default=None, metavar="N",
+        help="worker threads (default: the usable cores, at most 8)",
+    ),
+    "--max-shard-size": dict(
+        default=None, metavar="SIZE",
+        help="for a directory output: largest shard, e.g. 5GB (10**9 bytes) or 2GiB "
+        "(default: the first input's shard layout)",
+    ),
+}  # fmt: skip
 
 
 class CliError(Exception):
@@ -241,6 +270,19 @@ def weights_table(w: Sequence[float], labels: Sequence[str] | None = None, width
         rows.append(f"  {i:>4}  {name:<{lab_width}}  {x:>10.6f}  {bar}".rstrip())
     rows.append(f"  {'sum':>4}  {'':<{lab_width}}  {float(np.sum(w)):>10.6f}")
     return "\n".join(rows)
+
+
+def add_output_arguments(p: argparse.ArgumentParser, flags: Sequence[str]) -> None:
+    """The given flags of the table above (``"--dtype"``, ``"--threads"``...), as a group."""
+    group = p.add_argument_group("output")
+    for flag in flags:
+        group.add_argument(flag, **_OUTPUT_FLAGS[flag])
+
+
+def output_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The merge settings given by the flags of :func:`add_output_arguments`."""
+    dests = (flag[2:].replace("-", "_") for flag in _OUTPUT_FLAGS)
+    return {d: getattr(args, d) for d in dests if hasattr(args, d)}
 
 
 def add_progress_arguments(p: argparse.ArgumentParser) -> None:

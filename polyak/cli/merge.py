@@ -11,8 +11,10 @@ from typing import Any
 
 from polyak.cli._args import (
     CliError,
+    add_output_arguments,
     add_progress_arguments,
     add_schedule_arguments,
+    output_settings,
     schedule_from_args,
     wants_progress,
     weights_table,
@@ -68,28 +70,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "shell glob does not; default: the order given, with a warning when it is not natural",
     )  # fmt: skip
     add_schedule_arguments(p)
-    p.add_argument(
-        "--dtype", default=None,
-        help="cast float tensors of the output: bf16, fp16, fp32, fp64, fp8_e4m3 or fp8_e5m2 "
-        "(default: keep each tensor's dtype); fp8_e4m3 saturates to +-448, as torch does",
-    )  # fmt: skip
-    p.add_argument(
-        "--int-policy", default="last", choices=["last", "first", "average", "error"],
-        help="integer/bool tensors: take the last (default), first, average, or fail",
-    )  # fmt: skip
-    p.add_argument(
-        "--accumulate-dtype", default=None, metavar="DTYPE",
-        help="accumulate in this dtype, e.g. float64 (default: float32, float64 for float64)",
-    )  # fmt: skip
-    p.add_argument(
-        "--threads", type=int, default=None, metavar="N",
-        help="worker threads (default: the usable cores, at most 8)",
-    )  # fmt: skip
-    p.add_argument(
-        "--max-shard-size", default=None, metavar="SIZE",
-        help="for a directory OUT: largest shard, e.g. 5GB (10**9 bytes) or 2GiB "
-        "(default: the first input's shard layout)",
-    )  # fmt: skip
+    add_output_arguments(
+        p, ["--dtype", "--int-policy", "--accumulate-dtype", "--threads", "--max-shard-size"]
+    )
     p.add_argument(
         "--dry-run", action="store_true",
         help="validate the inputs and print the plan without writing anything",
@@ -124,10 +107,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"polyak: warning: {problem}", file=sys.stderr)
     _note_oldest_weighs_most(sched, n)
     common = dict(
-        normalize=args.normalize, dtype=args.dtype, int_policy=args.int_policy,
-        accumulate_dtype=args.accumulate_dtype, threads=args.threads,
-        max_shard_size=args.max_shard_size, key=args.key, copy_files=args.copy_files,
-    )  # fmt: skip
+        output_settings(args), normalize=args.normalize, key=args.key, copy_files=args.copy_files
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", st.OrderWarning)  # printed above already
         warnings.simplefilter("always", ConfigWarning)

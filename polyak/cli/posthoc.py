@@ -9,7 +9,9 @@ import numpy as np
 
 from polyak.cli._args import (
     CliError,
+    add_output_arguments,
     add_progress_arguments,
+    output_settings,
     parse_numbers,
     wants_progress,
     weights_table,
@@ -50,9 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the step to reconstruct at (default: the last snapshot's)",
     )
-    p.add_argument("--dtype", default=None, help="cast float tensors of the outputs, e.g. bf16")
-    p.add_argument("--accumulate-dtype", default=None, help="e.g. float64 for extra precision")
-    p.add_argument("--threads", type=int, default=None, help="worker threads (default: cores)")
+    add_output_arguments(p, ["--dtype", "--accumulate-dtype", "--threads"])
     p.add_argument(
         "--dry-run",
         action="store_true",
@@ -95,10 +95,8 @@ def run(args: argparse.Namespace) -> int:
         outputs,
         sigma_rel=sigmas,
         t=args.t,
-        dtype=args.dtype,
-        accumulate_dtype=args.accumulate_dtype,
-        threads=args.threads,
         progress=wants_progress(args),
+        **output_settings(args),
     )
     for k, (s, out) in enumerate(zip(sigmas, outputs, strict=True)):
         print(

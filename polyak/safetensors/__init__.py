@@ -24,6 +24,11 @@ from polyak.safetensors._errors import (
 )
 from polyak.safetensors._io import load, read_metadata, save
 from polyak.safetensors._merge import merge, merge_many, plan_merge
+from polyak.safetensors._options import (
+    CheckpointMergeSettings,
+    ManyMergeSettings,
+    MergeSettings,
+)
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 
@@ -37,6 +42,9 @@ __all__ = [
     "MergePlan",
     "plan_merge",
     "merge_many",
+    "MergeSettings",
+    "ManyMergeSettings",
+    "CheckpointMergeSettings",
     "HeaderError",
     "CheckpointError",
     "OutputError",

@@ -11,25 +11,30 @@ import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from polyak import _kernel, _stream
 from polyak._deprecation import renamed
 from polyak._errors import OrderWarning
-from polyak._types import IntPolicy, PathLike, ScheduleLike
+from polyak._types import PathLike, ScheduleLike
 from polyak.safetensors._errors import CheckpointError
 from polyak.safetensors._job import MergeJob
-from polyak.safetensors._options import MergeOptions
+from polyak.safetensors._options import (
+    ManyMergeSettings,
+    MergeOptions,
+    MergeSettings,
+    Progress,
+)
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._results import MergePlan, MergeReport
 from polyak.safetensors._writer import CheckpointWriter
-from polyak.schedules import Schedule
 from polyak.utils import order_inputs
 
-__all__ = ["merge", "merge_many", "plan_merge", "run_merge", "describe", "Progress"]
+if TYPE_CHECKING:  # PEP 692 keywords; typing.Unpack takes a TypedDict only from Python 3.12
+    from typing_extensions import Unpack
 
-Progress = bool | Callable[[int, int], None] | None
+__all__ = ["merge", "merge_many", "plan_merge", "run_merge", "describe"]
 
 
 @renamed(weight_vectors="weights")
@@ -37,17 +42,7 @@ def plan_merge(
     inputs: Sequence[PathLike],
     outputs: Sequence[PathLike],
     weights: Sequence[ScheduleLike],
-    *,
-    normalize: bool = True,
-    dtype: Any = None,
-    int_policy: IntPolicy = "last",
-    accumulate_dtype: Any = None,
-    threads: int | None = None,
-    max_shard_size: int | str | None = None,
-    schedules: Sequence[Schedule | None] | None = None,
-    metadata: Sequence[Mapping[str, str] | None] | None = None,
-    chunk_elements: int | None = None,
-    sort: Literal["natural"] | None = None,
+    **settings: Unpack[ManyMergeSettings],
 ) -> MergePlan:
     """Validate a merge and describe it without writing anything.
 
@@ -60,18 +55,9 @@ def plan_merge(
         outputs: one path per entry of ``weights`` (``*.safetensors`` file or a directory).
         weights: per output, a schedule (as in :func:`merge`) or a weight vector (one weight
             per input, oldest first).
-        normalize: divide each vector by its sum.
-        dtype: cast float tensors of the outputs (e.g. ``"bfloat16"``).
-        int_policy: integer/bool tensors, as in :func:`polyak.average`.
-        accumulate_dtype: raise the accumulation precision (``"float64"``).
-        threads: worker threads (default: the usable cores, at most 8).
-        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes).
-        schedules: per output, the schedule recorded in the metadata (sizes the header).
-        metadata: per output, the ``__metadata__`` to write instead of the first input's.
-        chunk_elements: elements per read-and-accumulate step (sizes the buffers).
-        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
-            numbered names are out of natural order); ``"natural"`` orders them by their
-            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
+        **settings: the keywords of :func:`merge_many` (:class:`ManyMergeSettings`);
+            ``schedules`` and ``metadata`` size the headers, ``chunk_elements`` the buffers,
+            and ``progress`` and ``force`` are ignored: nothing is written.
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
@@ -91,18 +77,17 @@ def plan_merge(
         >>> plan.weights, plan.bytes_to_read
         (((0.25, 0.75),), 8000)
     """
-    options = MergeOptions(
-        normalize=normalize, dtype=dtype, int_policy=int_policy,
-        accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
-        chunk_elements=chunk_elements,
-    )  # fmt: skip
-    if sort is not None:  # None: the plan lists the order problem in .warnings instead
-        inputs = order_inputs(inputs, sort)
+    options = MergeOptions.parse("plan_merge", settings, ManyMergeSettings)
+    if options.sort is not None:  # None: the plan lists the order problem in .warnings instead
+        inputs = order_inputs(inputs, options.sort)
     with contextlib.ExitStack() as stack:
-        job = MergeJob(
-            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata
-        )
+        job = MergeJob(stack, inputs, outputs, weights, options, **_records(settings))
         return describe(job)
+
+
+def _records(settings: ManyMergeSettings) -> dict[str, Any]:
+    """The per-output records of ``settings``, as :class:`MergeJob` takes them."""
+    return {"schedules": settings.get("schedules"), "metadata": settings.get("metadata")}
 
 
 def describe(job: MergeJob) -> MergePlan:
@@ -125,19 +110,7 @@ def merge_many(
     inputs: Sequence[PathLike],
     outputs: Sequence[PathLike],
     weights: Sequence[ScheduleLike],
-    *,
-    normalize: bool = True,
-    dtype: Any = None,
-    int_policy: IntPolicy = "last",
-    accumulate_dtype: Any = None,
-    threads: int | None = None,
-    progress: Progress = None,
-    max_shard_size: int | str | None = None,
-    schedules: Sequence[Schedule | None] | None = None,
-    metadata: Sequence[Mapping[str, str] | None] | None = None,
-    chunk_elements: int | None = None,
-    sort: Literal["natural"] | None = None,
-    force: bool = False,
+    **settings: Unpack[ManyMergeSettings],
 ) -> list[MergeReport]:
     """Several weighted averages of the same checkpoints, in one pass over the inputs.
 
@@ -152,24 +125,11 @@ def merge_many(
         weights: per output, a schedule (as in :func:`merge`: ``"linear"``,
             ``polyak.schedules.ema(0.9)``, None for equal weights, ...) or a weight vector (one
             weight per input, oldest first). A schedule is recorded in the output's metadata.
-        normalize: divide each vector by its sum (as :func:`polyak.weights` does).
-        dtype: cast float tensors of the outputs (e.g. ``"bfloat16"``).
-        int_policy: integer/bool tensors, as in :func:`polyak.average`.
-        accumulate_dtype: raise the accumulation precision (``"float64"``).
-        threads: worker threads (default: the usable cores, at most 8).
-        progress: ``True`` for a tqdm bar by bytes, a callable ``(done, total)``, or None.
-        max_shard_size: for directory outputs, the largest shard (``"5GB"`` or bytes); an
-            error when every output is a ``.safetensors`` file.
-        schedules: per output, the schedule recorded in the metadata instead of the entry's
-            own (a weight vector records "explicit").
-        metadata: per output, the ``__metadata__`` to write instead of the first input's
-            (``None`` for an output keeps the first input's). The ``"polyak"`` merge record
-            is added to every output either way.
-        chunk_elements: elements per read-and-accumulate step (default 512 Ki).
-        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
-            numbered names are out of natural order); ``"natural"`` orders them by their
-            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
-        force: write into existing folders that hold no previous polyak output.
+        **settings: keyword settings, :class:`ManyMergeSettings`: those of :func:`merge`
+            (``normalize``, ``dtype``, ``int_policy``, ``accumulate_dtype``, ``threads``,
+            ``max_shard_size``, ``chunk_elements``, ``sort``, ``progress``, ``force``) and
+            per output ``schedules`` (the schedule to record) and ``metadata`` (the
+            ``__metadata__`` to write instead of the first input's).
 
     Returns:
         One :class:`MergeReport` per output.
@@ -186,25 +146,25 @@ def merge_many(
         OutputWriteError: the disk is full or the file too large; nothing is left behind.
 
     Example:
+        Three averages of one run, read once (the last checkpoint, the mean, a linear
+        ramp):
+
         >>> import numpy as np, os, tempfile
         >>> import polyak.safetensors as pst
-        >>> d = tempfile.mkdtemp()
-        >>> paths = [os.path.join(d, f"c{i}.safetensors") for i in range(3)]
-        >>> for i, p in enumerate(paths):
-        ...     pst.save({"w": np.full(2, float(i), np.float32)}, p)
-        >>> outs = [os.path.join(d, f"{k}.safetensors") for k in ("last", "mean", "lin")]
-        >>> reports = pst.merge_many(paths, outs, [[0, 0, 1], [1, 1, 1], "linear"])
+        >>> run = tempfile.mkdtemp()
+        >>> ckpts = []
+        >>> for step in (100, 200, 300):
+        ...     ckpts.append(os.path.join(run, f"step_{step}.safetensors"))
+        ...     pst.save({"w": np.full(2, step // 100 - 1, np.float32)}, ckpts[-1])
+        >>> outs = [os.path.join(run, f"{k}.safetensors") for k in ("last", "mean", "lin")]
+        >>> reports = pst.merge_many(ckpts, outs, [[0, 0, 1], [1, 1, 1], "linear"])
         >>> [float(pst.load(o)["w"][0]) for o in outs]
         [2.0, 1.0, 1.3333333730697632]
     """
-    options = MergeOptions(
-        normalize=normalize, dtype=dtype, int_policy=int_policy,
-        accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
-        chunk_elements=chunk_elements,
-    )  # fmt: skip
-    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
-        inputs = order_inputs(inputs, sort)
-    return run_merge(inputs, outputs, weights, options, progress, schedules, metadata, force=force)
+    options = MergeOptions.parse("merge_many", settings, ManyMergeSettings)
+    if options.sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, options.sort)
+    return run_merge(inputs, outputs, weights, options, **_records(settings))
 
 
 def _check_unchanged(checkpoints: Sequence[Checkpoint]) -> None:
@@ -224,28 +184,21 @@ def run_merge(
     outputs: Sequence[PathLike],
     weights: Sequence[ScheduleLike],
     options: MergeOptions,
-    progress: Progress,
-    schedules: Sequence[Schedule | None] | None = None,
-    metadata: Sequence[Mapping[str, str] | None] | None = None,
-    *,
-    force: bool = False,
     **job_args: Any,
 ) -> list[MergeReport]:
     """Open, check and run the job; one report per output (the body of merge, merge_many and
-    :func:`polyak.merge`, which passes ``opener`` and ``extra_files`` to :class:`MergeJob`)."""
+    :func:`polyak.merge`; ``job_args`` are :class:`MergeJob`'s keywords: the per-output
+    records, and the ``opener`` and ``extra_files`` of :func:`polyak.merge`)."""
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
-        job = MergeJob(
-            stack, inputs, outputs, weights, options, schedules=schedules, metadata=metadata,
-            **job_args,
-        )  # fmt: skip
+        job = MergeJob(stack, inputs, outputs, weights, options, **job_args)
         for text in job.warnings:
             warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
         writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
-                writers.append(job.writer(k, force=force))
-            with _progress(progress, job.bytes_to_read) as tick:
+                writers.append(job.writer(k, force=options.force))
+            with _progress(options.progress, job.bytes_to_read) as tick:
                 nread, nonfinite, threads = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,
                     int_policy=options.int_policy, threads=options.threads,
@@ -310,16 +263,7 @@ def merge(
     inputs: Sequence[PathLike],
     output: PathLike,
     schedule: ScheduleLike = None,
-    *,
-    normalize: bool = True,
-    dtype: Any = None,
-    int_policy: IntPolicy = "last",
-    threads: int | None = None,
-    progress: Progress = None,
-    max_shard_size: int | str | None = None,
-    accumulate_dtype: Any = None,
-    sort: Literal["natural"] | None = None,
-    force: bool = False,
+    **settings: Unpack[MergeSettings],
 ) -> MergeReport:
     """Average safetensors checkpoints on disk into one, in bounded memory.
 
@@ -337,19 +281,26 @@ def merge(
             sharded checkpoint (the first input's shard layout unless ``max_shard_size``).
         schedule: as in :func:`polyak.average` (None = equal weights, ``"linear"``,
             ``polyak.schedules.ema(0.9)``, explicit weights, ...).
-        normalize: divide the weights by their sum.
-        dtype: cast float tensors of the output, e.g. ``"bfloat16"``.
-        int_policy: integer/bool tensors: ``"last"``, ``"first"``, ``"average"``, ``"error"``.
-        threads: worker threads (default: the usable cores, at most 8).
-        progress: ``True`` for a tqdm progress bar by bytes, or a callable ``(done, total)``.
-        max_shard_size: largest output shard, e.g. ``"5GB"`` (10**9 bytes) or ``"2GiB"``;
-            for a directory ``output`` only.
-        accumulate_dtype: raise the accumulation precision (``"float64"``).
-        sort: ``None`` keeps the order given (with an :class:`polyak.OrderWarning` when
-            numbered names are out of natural order); ``"natural"`` orders them by their
-            numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
-        force: write into an existing folder that holds no previous polyak output (files
-            with the output's names are replaced, all others kept; see the guarantees guide).
+        **settings: keyword settings (:class:`MergeSettings`, all optional):
+
+            - ``normalize``: divide the weights by their sum (default True).
+            - ``dtype``: cast float tensors of the output, e.g. ``"bfloat16"``.
+            - ``int_policy``: integer/bool tensors: ``"last"`` (default), ``"first"``,
+              ``"average"`` or ``"error"``.
+            - ``accumulate_dtype``: raise the accumulation precision (``"float64"``).
+            - ``threads``: worker threads (default: the usable cores, at most 8).
+            - ``max_shard_size``: the largest shard of a folder output, e.g. ``"5GB"``
+              (10**9 bytes) or ``"2GiB"`` (default: the first input's layout).
+            - ``chunk_elements``: elements per read-and-accumulate step (default 512 Ki).
+            - ``sort``: ``None`` keeps the order given (with an
+              :class:`polyak.OrderWarning` when numbered names are out of natural order);
+              ``"natural"`` orders them by their numbers, see
+              :func:`polyak.utils.order_inputs`.
+            - ``progress``: ``True`` for a tqdm bar by bytes, or a callable
+              ``(done, total)``.
+            - ``force``: write into an existing folder that holds no previous polyak output
+              (files with the output's names are replaced, all others kept; see the
+              guarantees guide).
 
     Returns:
         A :class:`MergeReport`: tensors, bytes read and written, seconds, weights used.
@@ -378,11 +329,8 @@ def merge(
         >>> pst.load(os.path.join(d, "avg.safetensors"))["w"]
         array([1.3333334, 1.3333334, 1.3333334, 1.3333334], dtype=float32)
     """
-    options = MergeOptions(
-        normalize=normalize, dtype=dtype, int_policy=int_policy,
-        accumulate_dtype=accumulate_dtype, threads=threads, max_shard_size=max_shard_size,
-    )  # fmt: skip
-    if sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
-        inputs = order_inputs(inputs, sort)
-    (report,) = run_merge(inputs, [output], [schedule], options, progress, force=force)
+    options = MergeOptions.parse("merge", settings)
+    if options.sort is not None:  # None: run_merge warns (job.warnings), as for polyak.merge
+        inputs = order_inputs(inputs, options.sort)
+    (report,) = run_merge(inputs, [output], [schedule], options)
     return report
