@@ -217,7 +217,9 @@ def test_second_writer_of_an_output_gets_a_clear_error(tmp_path):
     """Two merges into one output: the second fails at once, the first completes alone."""
     inputs = _sharded_inputs(str(tmp_path), elements=1000)
     for out in (str(tmp_path / "folder"), str(tmp_path / "one.safetensors")):
-        first = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (4,))])
+        first = _writer.CheckpointWriter(
+            _writer.OutputLayout(out, [("w", np.dtype(np.float32), (4,))])
+        )
         try:
             with pytest.raises(pst.OutputError, match="being written by another merge"):
                 pst.merge(inputs, out)
@@ -260,7 +262,9 @@ def test_folder_of_another_model_is_refused_and_never_loses_files(tmp_path):
     with pytest.raises(pst.OutputError, match="not empty"):
         pst.merge(inputs, str(notes))
     # force, at the writer level: replaced by name, nothing else deleted.
-    writer = _writer.CheckpointWriter(str(other), [("w", np.dtype(np.float32), (2,))], force=True)
+    writer = _writer.CheckpointWriter(
+        _writer.OutputLayout(str(other), [("w", np.dtype(np.float32), (2,))]), force=True
+    )
     writer.write("w", 0, np.ones(2, np.float32))
     writer.commit()
     assert sorted(os.listdir(other)) == sorted(listing + ["model.safetensors"])
@@ -326,7 +330,9 @@ def test_named_temporaries_of_a_live_writer_are_never_deleted(tmp_path, monkeypa
     take it (another process, whatever its PID namespace) touches nothing."""
     monkeypatch.setattr(_writer, "_tmpfile_works", lambda d: False)  # named temporaries
     out = str(tmp_path / "out.safetensors")
-    first = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (1000,))])
+    first = _writer.CheckpointWriter(
+        _writer.OutputLayout(out, [("w", np.dtype(np.float32), (1000,))])
+    )
     try:
         temps = _hidden_temps(str(tmp_path))
         assert len(temps) == 2  # the lock and the named temporary
@@ -356,7 +362,7 @@ def test_unnamed_temporary_files_are_used_on_linux(tmp_path):
         pytest.skip("no O_TMPFILE on this system")
     assert _writer._tmpfile_works(str(tmp_path))
     out = str(tmp_path / "x.safetensors")
-    w = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (10,))])
+    w = _writer.CheckpointWriter(_writer.OutputLayout(out, [("w", np.dtype(np.float32), (10,))]))
     try:
         # Only the lock is visible while writing: a SIGKILL leaves no data behind.
         assert [os.path.getsize(tmp_path / t) for t in _hidden_temps(str(tmp_path))] == [0]
