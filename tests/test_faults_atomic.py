@@ -275,6 +275,22 @@ def test_folder_of_another_model_is_refused_and_never_loses_files(tmp_path):
     assert list(pst.load(str(other))) == ["w"]
 
 
+def test_a_missing_file_to_copy_fails_the_estimate_as_it_fails_the_write(tmp_path):
+    """The dry run's size counts the copied files, so a vanished one fails it with the
+    merge's own message; the merge leaves nothing under the output name."""
+    gone = str(tmp_path / "gone.json")
+    out = str(tmp_path / "out")
+    layout = _writer.OutputLayout(
+        out, [("w", np.dtype(np.float32), (2,))], extra_files=[(gone, "config.json")]
+    )
+    with pytest.raises(pst.OutputError, match="cannot copy .*gone.json") as estimate:
+        layout.nbytes()
+    with pytest.raises(pst.OutputError) as write:
+        _writer.CheckpointWriter(layout)
+    assert str(write.value) == str(estimate.value)
+    assert not os.path.exists(out)
+
+
 def test_a_legal_255_byte_output_name_works(tmp_path):
     inputs = _sharded_inputs(str(tmp_path), elements=100)
     name = "m" * (255 - len(".safetensors")) + ".safetensors"
