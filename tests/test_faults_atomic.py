@@ -217,7 +217,9 @@ def test_second_writer_of_an_output_gets_a_clear_error(tmp_path):
     """Two merges into one output: the second fails at once, the first completes alone."""
     inputs = _sharded_inputs(str(tmp_path), elements=1000)
     for out in (str(tmp_path / "folder"), str(tmp_path / "one.safetensors")):
-        first = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (4,))])
+        first = _writer.CheckpointWriter(
+            _writer.OutputLayout(out, [("w", np.dtype(np.float32), (4,))])
+        )
         try:
             with pytest.raises(pst.OutputError, match="being written by another merge"):
                 pst.merge(inputs, out)
@@ -260,7 +262,9 @@ def test_folder_of_another_model_is_refused_and_never_loses_files(tmp_path):
     with pytest.raises(pst.OutputError, match="not empty"):
         pst.merge(inputs, str(notes))
     # force, at the writer level: replaced by name, nothing else deleted.
-    writer = _writer.CheckpointWriter(str(other), [("w", np.dtype(np.float32), (2,))], force=True)
+    writer = _writer.CheckpointWriter(
+        _writer.OutputLayout(str(other), [("w", np.dtype(np.float32), (2,))]), force=True
+    )
     writer.write("w", 0, np.ones(2, np.float32))
     writer.commit()
     assert sorted(os.listdir(other)) == sorted(listing + ["model.safetensors"])
@@ -269,6 +273,22 @@ def test_folder_of_another_model_is_refused_and_never_loses_files(tmp_path):
         load_file(str(other / "their-00001-of-00001.safetensors"))["a"], theirs["a"]
     )
     assert list(pst.load(str(other))) == ["w"]
+
+
+def test_a_missing_file_to_copy_fails_the_estimate_as_it_fails_the_write(tmp_path):
+    """The dry run's size counts the copied files, so a vanished one fails it with the
+    merge's own message; the merge leaves nothing under the output name."""
+    gone = str(tmp_path / "gone.json")
+    out = str(tmp_path / "out")
+    layout = _writer.OutputLayout(
+        out, [("w", np.dtype(np.float32), (2,))], extra_files=[(gone, "config.json")]
+    )
+    with pytest.raises(pst.OutputError, match="cannot copy .*gone.json") as estimate:
+        layout.nbytes()
+    with pytest.raises(pst.OutputError) as write:
+        _writer.CheckpointWriter(layout)
+    assert str(write.value) == str(estimate.value)
+    assert not os.path.exists(out)
 
 
 def test_a_legal_255_byte_output_name_works(tmp_path):
@@ -326,7 +346,9 @@ def test_named_temporaries_of_a_live_writer_are_never_deleted(tmp_path, monkeypa
     take it (another process, whatever its PID namespace) touches nothing."""
     monkeypatch.setattr(_writer, "_tmpfile_works", lambda d: False)  # named temporaries
     out = str(tmp_path / "out.safetensors")
-    first = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (1000,))])
+    first = _writer.CheckpointWriter(
+        _writer.OutputLayout(out, [("w", np.dtype(np.float32), (1000,))])
+    )
     try:
         temps = _hidden_temps(str(tmp_path))
         assert len(temps) == 2  # the lock and the named temporary
@@ -356,7 +378,7 @@ def test_unnamed_temporary_files_are_used_on_linux(tmp_path):
         pytest.skip("no O_TMPFILE on this system")
     assert _writer._tmpfile_works(str(tmp_path))
     out = str(tmp_path / "x.safetensors")
-    w = _writer.CheckpointWriter(out, [("w", np.dtype(np.float32), (10,))])
+    w = _writer.CheckpointWriter(_writer.OutputLayout(out, [("w", np.dtype(np.float32), (10,))]))
     try:
         # Only the lock is visible while writing: a SIGKILL leaves no data behind.
         assert [os.path.getsize(tmp_path / t) for t in _hidden_temps(str(tmp_path))] == [0]

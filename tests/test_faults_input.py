@@ -113,10 +113,14 @@ def test_shapes_are_validated_on_write_too(tmp_path):
     out = str(tmp_path / "o.safetensors")
     for shape in ([2**40, 2**40, 0], [1] * 65):
         with pytest.raises(pst.HeaderError, match="tensor 'a'"):
-            _writer.CheckpointWriter(out, [("a", np.dtype(np.float32), tuple(shape))])
+            _writer.CheckpointWriter(
+                _writer.OutputLayout(out, [("a", np.dtype(np.float32), tuple(shape))])
+            )
     assert os.listdir(tmp_path) == []
     # The limits themselves are fine, and read back by the official reader.
-    w = _writer.CheckpointWriter(out, [("a", np.dtype(np.float32), (1,) * 64)])
+    w = _writer.CheckpointWriter(
+        _writer.OutputLayout(out, [("a", np.dtype(np.float32), (1,) * 64)])
+    )
     w.write("a", 0, np.ones(1, np.float32))
     w.commit()
     assert not _official_rejects(out) and pst.load(out)["a"].shape == (1,) * 64

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from test_checkpoints_dcp_hf import _dcp_save, _tiny_gpt2, save_pretrained  # noqa: E402
 
 import polyak  # noqa: E402
+import polyak._merge as polyak_merge  # noqa: E402
 import polyak.safetensors as pst  # noqa: E402
 from polyak.checkpoints import ConfigWarning, KeyChoiceError  # noqa: E402
 from polyak.checkpoints._dcp import torch_to_numpy  # noqa: E402
@@ -131,6 +132,33 @@ def test_trainer_checkpoints_copy_model_files_not_training_state(tmp_path):
     assert bare.copied == () and "config.json" not in os.listdir(tmp_path / "bare")
     single = polyak.merge(folders, tmp_path / "avg.safetensors")
     assert single.copied == ()
+
+
+@pytest.mark.parametrize(
+    "name,shard,copy_files",
+    [
+        ("avg.safetensors", None, True),  # a file output never gets copies
+        ("sharded", "20KB", False),  # shards and index only
+        ("model", None, True),  # a model folder: config files copied, named in the index
+        ("model_sharded", "20KB", True),
+    ],
+)
+def test_plan_bytes_to_write_equal_the_merge_bytes_written(tmp_path, name, shard, copy_files):
+    # The dry run's size is what the disk needs; the copied config and tokenizer files and
+    # their names in the index take space too.
+    folders, _ = _folders(tmp_path, safe=True)
+    with open(os.path.join(folders[-1], "tokenizer_config.json"), "w") as fh:
+        json.dump({"model_max_length": 32, "padding": "x" * 3000}, fh)
+    out = tmp_path / name
+    # polyak._merge.plan is what `polyak merge --dry-run` prints.
+    plan, copied = polyak_merge.plan(folders, out, max_shard_size=shard, copy_files=copy_files)
+    assert not os.path.exists(out)
+    report = polyak.merge(folders, out, max_shard_size=shard, copy_files=copy_files)
+    assert report.copied == tuple(copied)
+    assert bool(report.copied) == (copy_files and name.startswith("model"))
+    if shard:
+        assert len([f for f in report.files if f.endswith(".safetensors")]) > 1
+    assert plan.bytes_to_write == (report.bytes_written,)
 
 
 def test_config_difference_warns_and_cli_prints_it(tmp_path):

@@ -11,7 +11,16 @@ import pytest
 
 import polyak.safetensors as pst
 from polyak import _stream, cli, utils
-from polyak.safetensors import _io, _job, _merge, _options, _parse, _reader, _results
+from polyak.safetensors import (
+    _io,
+    _job,
+    _merge,
+    _options,
+    _parse,
+    _reader,
+    _results,
+    _writer,
+)
 
 
 def test_adapter_and_cli_import_no_framework():
@@ -42,7 +51,7 @@ def test_public_names_are_documented(module, name):
 
 @pytest.mark.parametrize(
     "module",
-    [_io, _job, _merge, _options, _parse, _reader, _results, _stream, cli, utils, pst],
+    [_io, _job, _merge, _options, _parse, _reader, _results, _writer, _stream, cli, utils, pst],
 )
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)

@@ -15,7 +15,7 @@ from polyak.safetensors._errors import HeaderError
 from polyak.safetensors._format import dtype_code
 from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
-from polyak.safetensors._writer import CheckpointWriter
+from polyak.safetensors._writer import CheckpointWriter, OutputLayout
 
 __all__ = ["load", "save", "read_metadata", "to_numpy"]
 
@@ -108,7 +108,9 @@ def save(
         ((n, a.dtype, a.shape) for n, a in arrays.items()),
         key=lambda e: (-e[1].itemsize, e[0]),
     )
-    writer = CheckpointWriter(path, entries, metadata=metadata, max_shard_size=shard_bytes)
+    writer = CheckpointWriter(
+        OutputLayout(os.fspath(path), entries, metadata=metadata, max_shard_size=shard_bytes)
+    )
     try:
         for name, arr in arrays.items():
             writer.write(name, 0, arr)

@@ -21,7 +21,7 @@ from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._record import output_metadata
-from polyak.safetensors._writer import CheckpointWriter, output_size
+from polyak.safetensors._writer import CheckpointWriter, OutputLayout
 from polyak.schedules import Schedule, explicit, resolve
 from polyak.utils import order_problem
 
@@ -231,41 +231,39 @@ class MergeJob:
         spec = _stream.buffer_spec(self.plans, len(self.outputs), self.options.chunk_elements)
         return spec.nbytes * self.threads
 
-    def _writer_args(self, k: int) -> dict[str, Any]:
-        """The layout of output ``k``, as both the writer and its size estimate take it."""
-        out, first = self.outputs[k], self.checkpoints[0]
-        shard_bytes = self.options.shard_bytes
-        sharded = getattr(first, "sharded", False)  # only safetensors inputs have a layout
-        keep = not out.endswith(".safetensors") and shard_bytes is None and sharded
-        return {
-            "metadata": self.metadata[k],
-            "layout": first.layout() if keep else None,
-            "max_shard_size": shard_bytes,
-            "index_metadata": getattr(first, "index_metadata", None),
-        }
-
     def entries(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """``(name, output dtype, shape)`` of every tensor, in the first input's order."""
         return [(p.name, p.out_dtype, p.shape) for p in self.plans]
 
+    def layout(self, k: int) -> OutputLayout:
+        """What output ``k`` holds, as both its writer and its size estimate take it."""
+        out, first = self.outputs[k], self.checkpoints[0]
+        shard_bytes = self.options.shard_bytes
+        sharded = getattr(first, "sharded", False)  # only safetensors inputs have a layout
+        keep = not out.endswith(".safetensors") and shard_bytes is None and sharded
+        return OutputLayout(
+            out,
+            self.entries(),
+            metadata=self.metadata[k],
+            shards=first.layout() if keep else None,
+            max_shard_size=shard_bytes,
+            index_metadata=getattr(first, "index_metadata", None),
+            extra_files=self.extra_files,
+        )
+
     def output_size(self, k: int) -> int:
-        """Bytes output ``k`` will take on disk (headers, metadata and index included)."""
-        return output_size(self.outputs[k], self.entries(), **self._writer_args(k))
+        """Bytes output ``k`` will take on disk (headers, metadata, index and copies included).
+
+        Raises:
+            OutputError: a file to copy into it cannot be read.
+        """
+        return self.layout(k).nbytes()
 
     def copied(self, k: int) -> list[str]:
         """The extra files output ``k`` receives, relative to it (none for a file output)."""
-        if self.outputs[k].endswith(".safetensors"):
-            return []
-        return [rel for _, rel in self.extra_files]
+        return [rel for _, rel in self.layout(k).extra_files]
 
     def writer(self, k: int, *, force: bool = False) -> CheckpointWriter:
         """The writer of output ``k``, laid out and refusing to write over an input; a
         folder output receives the extra files in the same transaction."""
-        return CheckpointWriter(
-            self.outputs[k],
-            self.entries(),
-            protect=self.protect,
-            force=force,
-            extra_files=self.extra_files,
-            **self._writer_args(k),
-        )
+        return CheckpointWriter(self.layout(k), protect=self.protect, force=force)

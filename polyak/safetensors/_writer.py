@@ -5,16 +5,21 @@ hidden named one elsewhere), is flushed and fsynced, and only then gets its fina
 atomic rename. A crash, a kill or a full disk therefore never leaves a truncated file under the
 output name; on an exception the temporary file is removed. Writes use ``os.pwrite`` at
 explicit offsets so that several threads can fill one file.
+
+What an output holds (its files, headers, index and copied model files) is planned once, by
+:class:`OutputLayout`; the writer writes that plan and a dry run measures it.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import math
 import os
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +44,7 @@ __all__ = [
     "shard_names",
     "split_shards",
     "check_not_input",
-    "output_size",
+    "OutputLayout",
     "encode",
 ]
 
@@ -256,7 +261,7 @@ class SafetensorsWriter:
             for (name, dt, shape), off in zip(entries, offsets, strict=True)
         }
         self._packed = {name for name, dt, _ in entries if dtype_code(dt) in PACKED}
-        self.nbytes = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
+        self.nbytes = _data_nbytes(entries)
         self.size = len(head) + self.nbytes
         self._file = AtomicFile(path, self.size)
         try:
@@ -326,50 +331,146 @@ def _shard_plan(
     return [(os.path.join(directory, n), [by_name[t] for t in ts]) for n, ts in layout]
 
 
-def _index_bytes(
-    plan: Sequence[tuple[str, Sequence[Entry]]],
-    entries: Sequence[Entry],
-    index_metadata: Mapping[str, Any] | None,
-    copied: Sequence[str] = (),
-) -> bytes:
-    total = sum(storage_nbytes(e[1], math.prod(e[2])) for e in entries)
-    meta = {k: v for k, v in (index_metadata or {}).items() if k != "total_size"}
-    weight_map = {t: os.path.basename(p) for p, es in plan for t, _, _ in es}
-    meta.pop(WRITER_MARK[0], None)
-    meta.pop(COPIED_KEY, None)
-    if copied:
-        # The copied model files belong to this output: a later merge into the same folder
-        # replaces them as it replaces the shards (see _transaction._previous_output).
-        meta[COPIED_KEY] = sorted({c.split("/")[0] for c in copied})
-    index = {
-        "metadata": {"total_size": total, **meta, WRITER_MARK[0]: WRITER_MARK[1]},
-        "weight_map": dict(sorted(weight_map.items())),
-    }
-    return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+def _data_nbytes(entries: Iterable[Entry]) -> int:
+    """Bytes of the tensor data of ``entries`` (headers not included)."""
+    return sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
 
 
-def output_size(
-    path: str | os.PathLike[str],
-    entries: Sequence[Entry],
-    *,
-    metadata: Mapping[str, str] | None = None,
-    layout: Sequence[tuple[str, Sequence[str]]] | None = None,
-    max_shard_size: int | None = None,
-    index_metadata: Mapping[str, Any] | None = None,
-) -> int:
-    """Bytes :class:`CheckpointWriter` with these arguments writes (headers and index included),
-    computed without touching the file system."""
-    path = os.fspath(path)
-    coded = [(name, dtype_code(dt), tuple(shape)) for name, dt, shape in entries]
-    data = sum(storage_nbytes(dt, math.prod(shape)) for _, dt, shape in entries)
-    if path.endswith(".safetensors"):
-        return len(encode_header(coded, metadata)[0]) + data
-    plan = _shard_plan(path, entries, layout, max_shard_size)
-    codes = {name: (code, shape) for name, code, shape in coded}
-    heads = sum(
-        len(encode_header([(e[0], *codes[e[0]]) for e in es], metadata)[0]) for _, es in plan
-    )
-    return heads + data + len(_index_bytes(plan, entries, index_metadata))
+def _copy_error(src: str, e: OSError) -> OutputError:
+    return OutputError(f"cannot copy {src}: {e.strerror}")
+
+
+def _source_size(src: str) -> int:
+    try:
+        return os.path.getsize(src)
+    except OSError as e:
+        # A dry run fails where the merge's copy would, with the same message.
+        raise _copy_error(src, e) from None
+
+
+_Plan = tuple[tuple[str, tuple[Entry, ...]], ...]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """One output as it will be written: its files, their headers, the index and the copied
+    model files, planned without touching the file system.
+
+    :class:`CheckpointWriter` writes exactly this plan and :meth:`nbytes` measures it, so the
+    size a dry run announces (``MergePlan.bytes_to_write``) is the size the merge writes.
+
+    Args:
+        path: ``*.safetensors`` for one file, anything else for a sharded folder with
+            ``model.safetensors.index.json``.
+        entries: (name, dtype, shape) of every tensor, in the order to lay them out.
+        metadata: ``__metadata__`` written in every file.
+        shards: for a folder, ``(shard file name, tensor names)`` pairs; default: split by
+            ``max_shard_size``, else one shard ``model.safetensors``.
+        max_shard_size: largest shard in bytes (folders only).
+        index_metadata: extra entries of the index's ``metadata`` (``total_size`` is set here).
+        extra_files: for a folder, ``(source path, path relative to the folder)`` of files
+            copied into it with the weights (a model's config and tokenizer files, for
+            ``polyak.merge``). A file output has no folder to hold them: they are dropped.
+
+    Example:
+        >>> import numpy as np
+        >>> entries = [(n, np.dtype(np.float32), (1000,)) for n in ("a", "b")]
+        >>> out = OutputLayout("avg", entries, max_shard_size=4000)
+        >>> [(os.path.basename(p), [e[0] for e in es]) for p, es in out.plan]
+        [('model-00001-of-00002.safetensors', ['a']), ('model-00002-of-00002.safetensors', ['b'])]
+        >>> out.nbytes()  # 8000 bytes of data, two headers and the index
+        8327
+        >>> import tempfile
+        >>> cfg = os.path.join(tempfile.mkdtemp(), "config.json")
+        >>> with open(cfg, "w") as f:
+        ...     f.write("{}")
+        2
+        >>> copies = [(cfg, "config.json")]
+        >>> model = OutputLayout("avg", entries, max_shard_size=4000, extra_files=copies)
+        >>> model.nbytes() - out.nbytes()  # the copy, and its name in the index
+        52
+    """
+
+    path: str
+    entries: Sequence[Entry]
+    metadata: Mapping[str, str] | None = None
+    shards: Sequence[tuple[str, Sequence[str]]] | None = None
+    max_shard_size: int | None = None
+    index_metadata: Mapping[str, Any] | None = None
+    extra_files: Sequence[tuple[str, str]] = ()
+
+    def __post_init__(self) -> None:
+        # Normalised once here, so that the writer and the estimate read the same values.
+        object.__setattr__(self, "path", os.fspath(self.path))
+        object.__setattr__(self, "entries", tuple(self.entries))
+        extra = () if self.single else tuple(self.extra_files)
+        object.__setattr__(self, "extra_files", extra)
+
+    @property
+    def single(self) -> bool:
+        """Whether the output is one ``.safetensors`` file (else a folder)."""
+        return self.path.endswith(".safetensors")
+
+    @functools.cached_property
+    def plan(self) -> _Plan:
+        """(final path, entries) of every safetensors file of the output."""
+        if self.single:
+            return ((self.path, self.entries),)
+        plan = _shard_plan(self.path, self.entries, self.shards, self.max_shard_size)
+        return tuple((p, tuple(es)) for p, es in plan)
+
+    def headers(self) -> list[tuple[bytes, list[int]]]:
+        """Header bytes and tensor offsets of each file of :attr:`plan`.
+
+        Raises:
+            HeaderError: a header could not be read back (see :func:`encode`).
+        """
+        return [encode(es, self.metadata) for _, es in self.plan]
+
+    @property
+    def copied(self) -> list[str]:
+        """The names the copied files take at the top of the folder (a file or a subfolder)."""
+        return sorted({rel.split("/")[0] for _, rel in self.extra_files})
+
+    def folder_names(self) -> list[str]:
+        """Every name this output takes in its folder: shards, index, copies."""
+        return [os.path.basename(p) for p, _ in self.plan] + [INDEX_NAME] + self.copied
+
+    def index(self) -> bytes | None:
+        """The bytes of ``model.safetensors.index.json`` (None for a file output)."""
+        if self.single:
+            return None
+        meta = {k: v for k, v in (self.index_metadata or {}).items() if k != "total_size"}
+        meta.pop(WRITER_MARK[0], None)
+        meta.pop(COPIED_KEY, None)
+        if self.copied:
+            # The copied model files belong to this output: a later merge into the same
+            # folder replaces them as it replaces the shards (see _transaction._previous_output).
+            meta[COPIED_KEY] = self.copied
+        weight_map = {t: os.path.basename(p) for p, es in self.plan for t, _, _ in es}
+        index = {
+            "metadata": {
+                "total_size": _data_nbytes(self.entries),
+                **meta,
+                WRITER_MARK[0]: WRITER_MARK[1],
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
+        return (json.dumps(index, indent=2) + "\n").encode("utf-8")
+
+    def nbytes(self) -> int:
+        """Bytes the writer of this output writes: headers, tensor data, index and copies.
+
+        Raises:
+            OutputError: an extra file cannot be read (the copy would fail the same way).
+            HeaderError: a header could not be written.
+        """
+        files = sum(
+            len(head) + _data_nbytes(es)
+            for (_, es), (head, _) in zip(self.plan, self.headers(), strict=True)
+        )
+        copies = sum(_source_size(src) for src, _ in self.extra_files)
+        return files + len(self.index() or b"") + copies
 
 
 def _copy_into(src: str, dest: str, protect: set[tuple[int, int]]) -> AtomicFile:
@@ -378,7 +479,7 @@ def _copy_into(src: str, dest: str, protect: set[tuple[int, int]]) -> AtomicFile
         st = os.stat(src)
         os.makedirs(os.path.dirname(dest), exist_ok=True)  # a subfolder of the staging folder
     except OSError as e:
-        raise OutputError(f"cannot copy {src}: {e.strerror}") from None
+        raise _copy_error(src, e) from None
     check_not_input(dest, protect | {(st.st_dev, st.st_ino)})
     out = AtomicFile(dest, st.st_size)
     try:
@@ -391,7 +492,7 @@ def _copy_into(src: str, dest: str, protect: set[tuple[int, int]]) -> AtomicFile
         out.abort()
         if isinstance(e, OutputWriteError):
             raise
-        raise OutputError(f"cannot copy {src}: {e.strerror}") from None
+        raise _copy_error(src, e) from None
     except BaseException:
         out.abort()
         raise
@@ -402,102 +503,74 @@ class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
     The output is one transaction: it holds an exclusive lock on the output name for its
-    whole life, and the file (or the whole folder: shards and index) appears under the final
-    name in one atomic step at :meth:`commit`, or not at all (see
+    whole life, and the file (or the whole folder: shards, index and copied files) appears
+    under the final name in one atomic step at :meth:`commit`, or not at all (see
     :mod:`polyak.safetensors._transaction`).
 
     Args:
-        path: ``*.safetensors`` for one file, anything else for a sharded directory with
-            ``model.safetensors.index.json``.
-        entries: (name, dtype, shape) of every tensor, in the order to lay them out.
-        metadata: ``__metadata__`` written in every file.
-        layout: for a directory, ``(shard file name, tensor names)`` pairs; default: split by
-            ``max_shard_size`` or one shard ``model.safetensors``.
-        max_shard_size: largest shard in bytes (directories only).
-        index_metadata: extra entries of the index's ``metadata`` (``total_size`` is set here).
+        layout: what to write: the files, their tensors, the index and the files to copy,
+            exactly as :meth:`OutputLayout.nbytes` measures them.
         protect: (st_dev, st_ino) of files that must not be overwritten (the inputs).
         force: write into an existing folder that is not a previous polyak output (files with
             the output's names are replaced; no other file is ever deleted).
-        extra_files: for a directory, ``(source path, path relative to the folder)`` of files
-            copied into it with the weights, in the same transaction (a model's config and
-            tokenizer files, for ``polyak.merge``).
 
     Raises:
         OutputError: the output would overwrite a protected file, is locked by another
-            writer, is a folder holding files polyak did not write (without ``force``), or the
-            path is unusable.
+            writer, is a folder holding files polyak did not write (without ``force``), the
+            path is unusable, or a file to copy cannot be read.
         HeaderError: a header could not be read back (over 100 MB, invalid shape or name).
         OutputWriteError: the file system refused the write (everything written is removed).
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
-        entries: Sequence[Entry],
+        layout: OutputLayout,
         *,
-        metadata: Mapping[str, str] | None = None,
-        layout: Sequence[tuple[str, Sequence[str]]] | None = None,
-        max_shard_size: int | None = None,
-        index_metadata: Mapping[str, Any] | None = None,
         protect: Iterable[tuple[int, int]] = (),
         force: bool = False,
-        extra_files: Sequence[tuple[str, str]] = (),
     ) -> None:
-        self.path = os.fspath(path)
-        self.single = self.path.endswith(".safetensors")
-        self._extra = [] if self.single else list(extra_files)
+        self.layout = layout
+        self.path = layout.path
         self._copies: list[AtomicFile] = []
         self._writers: list[SafetensorsWriter] = []
         self._route: dict[str, SafetensorsWriter] = {}
         self._index: bytes | None = None
         self._folder: FolderTransaction | None = None
         self._lock: OutputLock | None = None
-        plan = self._plan(entries, layout, max_shard_size, set(protect))
+        self._check(set(protect))
         try:
             # Encode every header first: one that cannot be written fails before any file.
-            heads = [encode(es, metadata) for _, es in plan]
-            if not self.single:
-                copied = [rel for _, rel in self._extra]
-                self._index = _index_bytes(plan, entries, index_metadata, copied)
-            self._start(plan, heads, force, set(protect))
+            heads = layout.headers()
+            self._index = layout.index()
+            self._start(heads, force, set(protect))
         except BaseException:
             self.abort()
             raise
         self.nbytes = sum(w.size for w in self._writers)
-        self.paths = [p for p, _ in plan]
+        self.paths = [p for p, _ in layout.plan]
 
-    def _plan(
-        self,
-        entries: Sequence[Entry],
-        layout: Sequence[tuple[str, Sequence[str]]] | None,
-        max_shard_size: int | None,
-        protect: set[tuple[int, int]],
-    ) -> list[tuple[str, list[Entry]]]:
-        """(final path, entries) per file, after the checks that need no lock."""
-        if self.single:
+    def _check(self, protect: set[tuple[int, int]]) -> None:
+        """The checks that need no lock: a usable output path that is not an input."""
+        if self.layout.single:
             if os.path.isdir(self.path):
                 raise OutputError(f"output {self.path} is a directory; expected a file name")
             parent = os.path.dirname(os.path.abspath(self.path))
             if not os.path.isdir(parent):
                 problem = "is not a directory" if os.path.exists(parent) else "does not exist"
                 raise OutputError(f"output folder {parent} {problem}")
-            check_not_input(self.path, protect)
-            return [(self.path, list(entries))]
-        # normpath drops a trailing "/", through which a file would look absent.
-        existing = os.path.normpath(self.path)
-        if os.path.exists(existing) and not os.path.isdir(existing):
-            raise OutputError(
-                f"output {self.path} exists and is not a directory; name a directory for a "
-                "sharded checkpoint or a '.safetensors' file"
-            )
-        plan = _shard_plan(self.path, entries, layout, max_shard_size)
-        for p, _ in plan:
+        else:
+            # normpath drops a trailing "/", through which a file would look absent.
+            existing = os.path.normpath(self.path)
+            if os.path.exists(existing) and not os.path.isdir(existing):
+                raise OutputError(
+                    f"output {self.path} exists and is not a directory; name a directory for "
+                    "a sharded checkpoint or a '.safetensors' file"
+                )
+        for p, _ in self.layout.plan:
             check_not_input(p, protect)
-        return plan
 
     def _start(
         self,
-        plan: list[tuple[str, list[Entry]]],
         heads: list[tuple[bytes, list[int]]],
         force: bool,
         protect: set[tuple[int, int]],
@@ -515,15 +588,14 @@ class CheckpointWriter:
             raise OutputError(f"cannot create output directory {parent}: {why}") from None
         on_fatal_signal(id(self), self.abort)
         self._lock = OutputLock(target)
-        if not self.single:
-            names = [os.path.basename(p) for p, _ in plan] + [INDEX_NAME]
-            names += sorted({rel.split("/")[0] for _, rel in self._extra})
+        if not self.layout.single:
+            names = self.layout.folder_names()
             self._folder = FolderTransaction(target, names, force=force)
             for name in self._folder.drop:  # files the swap deletes: never an input
                 check_not_input(os.path.join(target, name), protect)
-            for src, rel in self._extra:
+            for src, rel in self.layout.extra_files:
                 self._copies.append(_copy_into(src, self._folder.path(rel), protect))
-        for (p, es), head in zip(plan, heads, strict=True):
+        for (p, es), head in zip(self.layout.plan, heads, strict=True):
             where = p if self._folder is None else self._folder.path(os.path.basename(p))
             w = SafetensorsWriter(where, es, encoded=head)
             self._writers.append(w)
@@ -532,9 +604,10 @@ class CheckpointWriter:
 
     @property
     def files(self) -> list[str]:
-        """Every file this writer produces: the shards, then the index (if any)."""
+        """Every file this writer produces: the shards, the index (if any), the copies."""
         index = [os.path.join(self.path, INDEX_NAME)] if self._index is not None else []
-        return self.paths + index + [os.path.join(self.path, rel) for _, rel in self._extra]
+        copies = [os.path.join(self.path, rel) for _, rel in self.layout.extra_files]
+        return self.paths + index + copies
 
     def write(self, name: str, elem_start: int, array: np.ndarray) -> None:
         self._route[name].write(name, elem_start, array)
