@@ -6,6 +6,10 @@ catch all of polyak's input errors at once, or one kind precisely.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 __all__ = [
     "PolyakError",
     "EmptyInputError",
@@ -17,8 +21,25 @@ __all__ = [
     "NoOnlineFormError",
     "OrderWarning",
 ]
-# show_value (below) is a message helper, not an error: kept out of __all__, which
+# show_value and warn_at_caller (below) are helpers, not errors: kept out of __all__, which
 # polyak re-exports.
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` at the first frame outside polyak: the user's line, however many
+    polyak functions (decorators, front doors) lie between it and the warning.
+
+    A fixed ``stacklevel`` points into polyak as soon as one more function wraps the call
+    (``skip_file_prefixes`` does this walk, but only from Python 3.12).
+    """
+    frame = sys._getframe(1)
+    level = 2  # warnings.warn(stacklevel=2) names the frame that called this function
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, category, stacklevel=level)
 
 
 def show_value(value: object) -> str:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from polyak._errors import warn_at_caller
 from polyak._types import PathLike, ScheduleLike
 from polyak.utils import order_inputs
 
@@ -52,7 +52,7 @@ def _check_output(output: PathLike) -> str:
 
 
 def _inputs_setup(
-    ins: list[str], out: str, copy_files: bool, stacklevel: int
+    ins: list[str], out: str, copy_files: bool
 ) -> tuple[list[tuple[str, str]], list[dict[str, str]] | None]:
     """The model files to copy into ``out`` and the base metadata of the output.
 
@@ -68,11 +68,10 @@ def _inputs_setup(
         if diffs:
             shown = "; ".join(f"{k}: {v!r:.120}" for k, v in list(diffs.items())[:8])
             more = f" (and {len(diffs) - 8} more fields)" if len(diffs) > 8 else ""
-            warnings.warn(
+            warn_at_caller(
                 f"the inputs' config.json files differ: {shown}{more}; the config of the "
                 f"newest input ({ins[-1]}) is the one copied",
                 pc.ConfigWarning,
-                stacklevel=stacklevel,
             )
         if copy_files and not out.endswith(".safetensors"):
             newest = ins[-1]
@@ -102,7 +101,7 @@ def _prepare(
     out = _check_output(output)
     ins, _ = check_paths(inputs, [out], 1)
     copy_files = settings.get("copy_files", True)
-    extra, metadata = _inputs_setup(ins, out, copy_files, stacklevel=4)
+    extra, metadata = _inputs_setup(ins, out, copy_files)
     job_args = {
         "opener": functools.partial(open_checkpoint, key=settings.get("key")),
         "extra_files": extra,

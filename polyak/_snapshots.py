@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np
 
 from polyak._accumulate import inputs_to_read
 from polyak._average import average_named, weights
-from polyak._errors import EmptyInputError, PolyakError
+from polyak._errors import EmptyInputError, PolyakError, warn_at_caller
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 
 __all__ = ["SnapshotDir", "STEP_KEY"]
@@ -135,13 +134,12 @@ class SnapshotDir:
         if self._keep is not None and higher >= self._keep:
             # Out-of-order saves are fine; this one is among the pruned by keep's rule, as
             # when a restarted run reuses a finished run's folder.
-            warnings.warn(
+            warn_at_caller(
                 f"SnapshotDir {str(self._path)!r}: saving step {step} though the folder "
                 f"already holds {higher} snapshots of higher steps, the newest "
                 f"{before[-1][0]} (a restarted run reusing the folder?). It is kept, the "
                 "oldest others are pruned, and the average mixes both runs",
                 UserWarning,
-                stacklevel=2,
             )
         self._path.mkdir(parents=True, exist_ok=True)
         target = self._path / f"{_PREFIX}{step:0{_DIGITS}d}{_SUFFIX}"

@@ -144,10 +144,21 @@ def test_snapshotdir_never_prunes_the_snapshot_it_just_wrote(tmp_path):
     for step in (100, 200):
         old.save({"w": np.full(2, float(step))}, step=step)
     restarted = polyak.SnapshotDir(tmp_path, keep=2)
-    with pytest.warns(UserWarning, match="step 5 .* newest"):
+    with pytest.warns(UserWarning, match="step 5 .* newest") as rec:
         path = restarted.save({"w": np.zeros(2)}, step=5)
+    assert rec[0].filename == __file__  # the caller's line
     assert os.path.exists(path)
     assert restarted.steps() == [5, 200]  # the oldest other snapshot went instead
+
+
+def test_the_restarted_run_warning_points_at_the_caller_through_posthoc(tmp_path):
+    ema = polyak.Averager(polyak.schedules.power(sigma_rel=0.05))
+    ema.update({"w": np.zeros(2, np.float32)})
+    snaps = polyak.SnapshotDir(tmp_path, keep=1)
+    polyak.posthoc.save_snapshot(snaps, ema, 100)
+    with pytest.warns(UserWarning, match="step 5 ") as rec:
+        polyak.posthoc.save_snapshot(snaps, ema, 5)
+    assert [w.filename for w in rec] == [__file__]
 
 
 def test_snapshotdir_one_step_one_file(tmp_path):

@@ -171,6 +171,7 @@ def test_config_difference_warns_and_cli_prints_it(tmp_path):
     with pytest.warns(ConfigWarning, match="resid_pdrop") as rec:
         polyak.merge(folders, tmp_path / "out")
     assert "transformers_version" not in str(rec[0].message)
+    assert rec[0].filename == __file__  # points at the caller's line, not inside polyak
     proc = polyak_cmd("merge", *folders, "-o", str(tmp_path / "cli"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert "polyak: warning: the inputs' config.json files differ: resid_pdrop" in proc.stderr

@@ -140,3 +140,14 @@ def test_type_checkers_see_each_setting(tmp_path):
     assert 'user_code.py:6: error: Unexpected keyword argument "dtyp"' in lines[0]
     assert 'user_code.py:7: error: Argument "threads"' in lines[1]
     assert 'user_code.py:8: error: Unexpected keyword argument "key"' in lines[2]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["polyak.safetensors.merge", "polyak.safetensors.merge_many", "polyak.merge"],
+)
+def test_the_order_warning_points_at_the_callers_line(ckpts, tmp_path, name):
+    call = _calls(ckpts, str(tmp_path / "out.safetensors"))[name]
+    with pytest.warns(polyak.OrderWarning, match="epoch_9") as rec:
+        call()
+    assert [w.filename for w in rec] == [__file__]

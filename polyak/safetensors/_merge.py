@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from polyak import _kernel, _stream
 from polyak._deprecation import renamed
-from polyak._errors import OrderWarning
+from polyak._errors import OrderWarning, warn_at_caller
 from polyak._types import PathLike, ScheduleLike
 from polyak.safetensors._errors import CheckpointError
 from polyak.safetensors._job import MergeJob
@@ -193,7 +192,7 @@ def run_merge(
     with contextlib.ExitStack() as stack:
         job = MergeJob(stack, inputs, outputs, weights, options, **job_args)
         for text in job.warnings:
-            warnings.warn(text, OrderWarning, stacklevel=3)  # at the caller of merge(_many)
+            warn_at_caller(text, OrderWarning)
         writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
