@@ -13,6 +13,7 @@ Example:
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from polyak import _errors, online, posthoc, schedules, soup
 from polyak._average import average, weights
@@ -20,6 +21,13 @@ from polyak._errors import *  # noqa: F403  (PolyakError and its subclasses: _er
 from polyak._online import Averager
 from polyak._types import IntPolicy, PathLike, ScheduleLike
 from polyak.schedules import Schedule
+
+if TYPE_CHECKING:  # what __getattr__ loads lazily, as type checkers and editors must see it
+    from polyak import checkpoints as checkpoints
+    from polyak import safetensors as safetensors
+    from polyak import utils as utils
+    from polyak._merge import merge as merge
+    from polyak._snapshots import SnapshotDir as SnapshotDir
 
 __version__ = "0.1.0"
 
@@ -29,8 +37,8 @@ __all__ = [
     "weights",
     "Averager",
     "online",
-    "SnapshotDir",  # noqa: F405  (loaded lazily by __getattr__ below)
-    "merge",  # noqa: F405  (loaded lazily by __getattr__ below)
+    "SnapshotDir",  # loaded lazily by __getattr__ below
+    "merge",  # loaded lazily by __getattr__ below
     "schedules",
     "Schedule",
     "ScheduleLike",

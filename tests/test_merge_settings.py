@@ -118,6 +118,7 @@ def test_type_checkers_see_each_setting(tmp_path):
     user.write_text(
         textwrap.dedent(
             """
+            import polyak
             import polyak.safetensors as pst
 
             pst.merge(["a.safetensors"], "o.safetensors", dtype="bf16", threads=2)
@@ -125,6 +126,8 @@ def test_type_checkers_see_each_setting(tmp_path):
             pst.merge(["a.safetensors"], "o.safetensors", dtyp="bf16")
             pst.merge(["a.safetensors"], "o.safetensors", threads="2")
             pst.plan_merge(["a"], ["o.safetensors"], [None], key="model")
+            polyak.merge(["a.pt"], "o.safetensors", key="model", copy_files=False)
+            polyak.merge(["a.pt"], "o.safetensors", schedules=[None])
             """
         )
     )
@@ -136,10 +139,11 @@ def test_type_checkers_see_each_setting(tmp_path):
         cwd=tmp_path,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ": error:" in ln]
-    assert len(lines) == 3, proc.stdout + proc.stderr
-    assert 'user_code.py:6: error: Unexpected keyword argument "dtyp"' in lines[0]
-    assert 'user_code.py:7: error: Argument "threads"' in lines[1]
-    assert 'user_code.py:8: error: Unexpected keyword argument "key"' in lines[2]
+    assert len(lines) == 4, proc.stdout + proc.stderr
+    assert 'user_code.py:7: error: Unexpected keyword argument "dtyp"' in lines[0]
+    assert 'user_code.py:8: error: Argument "threads"' in lines[1]
+    assert 'user_code.py:9: error: Unexpected keyword argument "key"' in lines[2]
+    assert 'user_code.py:11: error: Unexpected keyword argument "schedules"' in lines[3]
 
 
 @pytest.mark.parametrize(
