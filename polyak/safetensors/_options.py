@@ -52,7 +52,7 @@ class MergeSettings(TypedDict, total=False):
         max_shard_size: for a folder output, the largest shard (``"5GB"``, ``"2GiB"`` or
             bytes; default: the first input's shard layout); an error for a file output.
         chunk_elements: elements per read-and-accumulate step (default 512 Ki).
-        sort: ``None`` (default) keeps the order given, with an :class:`polyak.OrderWarning`
+        sort: ``None`` (default) keeps the order given, with a :class:`polyak.OrderWarning`
             when numbered names are out of natural order; ``"natural"`` orders them by their
             numbers (``epoch_9`` before ``epoch_10``), see :func:`polyak.utils.order_inputs`.
         progress: ``True`` for a tqdm bar by bytes, or a callable ``(done, total)``; a plan
