@@ -192,8 +192,8 @@ def plan(
 ) -> tuple[MergePlan, list[str]]:
     """What :func:`merge` would do, checked without writing: the
     :class:`polyak.safetensors.MergePlan` and the files it would copy (``polyak merge
-    --dry-run``). ``settings`` are the keywords of :func:`merge`; ``progress`` and ``force``
-    are ignored, since nothing is written."""
+    --dry-run``), refusing an output as :func:`merge` would. ``settings`` are the keywords of
+    :func:`merge`; ``progress`` is ignored, since no tensor data is read."""
     from polyak.safetensors._job import MergeJob
     from polyak.safetensors._merge import describe
 

@@ -275,6 +275,36 @@ def test_folder_of_another_model_is_refused_and_never_loses_files(tmp_path):
     assert list(pst.load(str(other))) == ["w"]
 
 
+def test_a_dry_run_meets_the_refusals_of_the_merge(tmp_path):
+    """plan_merge, polyak.plan and ``polyak merge --dry-run`` refuse a folder the merge would
+    refuse (without force), accept what it accepts, and change nothing either way."""
+    from polyak import _merge
+
+    inputs = _sharded_inputs(str(tmp_path), elements=1000)
+    notes = tmp_path / "notes_only"
+    notes.mkdir()
+    (notes / "README").write_text("mine")
+    for plan in (
+        lambda **kw: pst.plan_merge(inputs, [str(notes)], [None], **kw),
+        lambda **kw: _merge.plan(inputs, str(notes), **kw)[0],
+    ):
+        with pytest.raises(pst.OutputError, match="not empty .* force=True"):
+            plan()
+        assert plan(force=True).bytes_to_write[0] > 0
+    cli = [sys.executable, "-m", "polyak", "merge", *inputs, "-o", str(notes), "--dry-run"]
+    proc = subprocess.run(cli, capture_output=True, text=True, env=_env())
+    assert proc.returncode != 0 and "not empty" in proc.stderr, proc.stderr
+    proc = subprocess.run([*cli, "--force"], capture_output=True, text=True, env=_env())
+    assert proc.returncode == 0 and "nothing was written" in proc.stdout, proc.stderr
+    assert sorted(os.listdir(notes)) == ["README"]
+    # A previous polyak output is replaced without force: the plan accepts it too.
+    previous = str(tmp_path / "previous")
+    pst.merge(inputs, previous)
+    listing = sorted(os.listdir(previous))
+    assert pst.plan_merge(inputs, [previous], ["linear"]).bytes_to_write
+    assert sorted(os.listdir(previous)) == listing
+
+
 def test_a_missing_file_to_copy_fails_the_estimate_as_it_fails_the_write(tmp_path):
     """The dry run's size counts the copied files, so a vanished one fails it with the
     merge's own message; the merge leaves nothing under the output name."""

@@ -107,8 +107,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"polyak: warning: {problem}", file=sys.stderr)
     _note_oldest_weighs_most(sched, n)
     common = dict(
-        output_settings(args), normalize=args.normalize, key=args.key, copy_files=args.copy_files
-    )
+        output_settings(args), normalize=args.normalize, key=args.key,
+        copy_files=args.copy_files, force=args.force,
+    )  # fmt: skip
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("ignore", st.OrderWarning)  # printed above already
         warnings.simplefilter("always", ConfigWarning)
@@ -116,10 +117,8 @@ def run(args: argparse.Namespace) -> int:
             if args.dry_run:
                 plan, copied = _merge.plan(args.inputs, args.output, sched, **common)
             else:
-                report = polyak.merge(
-                    args.inputs, args.output, sched, progress=wants_progress(args),
-                    force=args.force, **common,
-                )  # fmt: skip
+                progress = wants_progress(args)
+                report = polyak.merge(args.inputs, args.output, sched, progress=progress, **common)
         finally:
             for w in caught:
                 print(f"polyak: warning: {w.message}", file=sys.stderr)

@@ -21,7 +21,7 @@ from polyak.safetensors._options import MergeOptions
 from polyak.safetensors._parse import shard_size
 from polyak.safetensors._reader import Checkpoint
 from polyak.safetensors._record import output_metadata
-from polyak.safetensors._writer import CheckpointWriter, OutputLayout
+from polyak.safetensors._writer import CheckpointWriter, OutputLayout, preflight
 from polyak.schedules import Schedule, explicit, resolve
 from polyak.utils import order_problem
 
@@ -263,7 +263,12 @@ class MergeJob:
         """The extra files output ``k`` receives, relative to it (none for a file output)."""
         return [rel for _, rel in self.layout(k).extra_files]
 
-    def writer(self, k: int, *, force: bool = False) -> CheckpointWriter:
-        """The writer of output ``k``, laid out and refusing to write over an input; a
-        folder output receives the extra files in the same transaction."""
-        return CheckpointWriter(self.layout(k), protect=self.protect, force=force)
+    def preflight(self, k: int) -> None:
+        """Meet now the refusals output ``k``'s writer would meet (a dry run's check)."""
+        preflight(self.layout(k), self.protect, force=self.options.force)
+
+    def writer(self, k: int) -> CheckpointWriter:
+        """The writer of output ``k``, laid out and refusing to write over an input (or into
+        a foreign folder, without the ``force`` setting); a folder output receives the extra
+        files in the same transaction."""
+        return CheckpointWriter(self.layout(k), protect=self.protect, force=self.options.force)

@@ -56,14 +56,16 @@ def plan_merge(
             per input, oldest first).
         **settings: the keywords of :func:`merge_many` (:class:`ManyMergeSettings`);
             ``schedules`` and ``metadata`` size the headers, ``chunk_elements`` the buffers,
-            and ``progress`` and ``force`` are ignored: nothing is written.
+            ``force`` decides whether an existing folder is refused, as for the merge, and
+            ``progress`` is ignored: no tensor data is read.
 
     Returns:
         A :class:`MergePlan`: tensors, weights, bytes to read and write, buffer memory.
 
     Raises:
         The errors of :func:`merge_many` short of writing: EmptyInputError, CheckpointError,
-        HeaderError, StructureError, WeightsError, DtypeError, OutputError.
+        HeaderError, StructureError, WeightsError, DtypeError, OutputError (an output is an
+        input, or a folder the merge would refuse to write into).
 
     Example:
         >>> import numpy as np, os, tempfile
@@ -90,7 +92,10 @@ def _records(settings: ManyMergeSettings) -> dict[str, Any]:
 
 
 def describe(job: MergeJob) -> MergePlan:
-    """The :class:`MergePlan` of an opened job (what ``plan_merge`` returns)."""
+    """The :class:`MergePlan` of an opened job (what ``plan_merge`` returns), once each
+    output passed the checks its writer would make (a folder without ``force``...)."""
+    for k in range(len(job.outputs)):
+        job.preflight(k)
     return MergePlan(
         inputs=tuple(job.inputs),
         outputs=tuple(job.outputs),
@@ -196,7 +201,7 @@ def run_merge(
         writers: list[CheckpointWriter] = []
         try:
             for k in range(len(job.outputs)):
-                writers.append(job.writer(k, force=options.force))
+                writers.append(job.writer(k))
             with _progress(options.progress, job.bytes_to_read) as tick:
                 nread, nonfinite, threads = _stream.run(
                     job.checkpoints, writers, job.weights, job.plans,

@@ -58,7 +58,8 @@ class MergeSettings(TypedDict, total=False):
         progress: ``True`` for a tqdm bar by bytes, or a callable ``(done, total)``; a plan
             reads no tensor data and ignores it.
         force: write into an existing folder that holds no previous polyak output (files
-            with the output's names are replaced, all others kept); a plan ignores it.
+            with the output's names are replaced, all others kept); without it, a plan
+            refuses such a folder as the merge would.
 
     Example:
         >>> from polyak.safetensors import MergeSettings

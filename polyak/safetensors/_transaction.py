@@ -40,6 +40,7 @@ __all__ = [
     "COPIED_KEY",
     "OutputLock",
     "FolderTransaction",
+    "inspect_folder",
     "temp_path",
     "fsync_dir",
     "on_fatal_signal",
@@ -229,6 +230,57 @@ def _is_checkpoint_file(name: str) -> bool:
     return name.endswith(".safetensors") or name.endswith(".safetensors.index.json")
 
 
+def inspect_folder(
+    target: str, new_names: Collection[str], *, force: bool = False
+) -> tuple[set[str], list[str]]:
+    """What writing ``new_names`` into the folder ``target`` would replace and keep, or the
+    error that refuses it; reads the folder and changes nothing.
+
+    :class:`FolderTransaction` runs it under the output's lock; a dry run runs it to announce
+    the refusal the merge would meet.
+
+    Returns:
+        The names the new version drops (a previous polyak output, and with ``force`` the
+        files it replaces) and the names it carries over; both empty for a missing folder.
+
+    Raises:
+        OutputError: as :class:`FolderTransaction`.
+    """
+    target = os.path.normpath(os.path.abspath(target))
+    if not os.path.lexists(target):
+        return set(), []
+    if not os.path.isdir(target) or os.path.islink(target):
+        raise OutputError(
+            f"output {target} exists and is not a folder; name a folder for a sharded "
+            "checkpoint or a '.safetensors' file"
+        )
+    names = sorted(os.listdir(target))
+    old = _previous_output(target, names)
+    new = set(new_names)
+    foreign = [n for n in names if n not in old and (_is_checkpoint_file(n) or n in new)]
+    if not force and names and not old:
+        raise OutputError(
+            f"output folder {target} is not empty ({_few(names)}) and holds no "
+            "previous polyak output; choose an empty or new folder, or pass force=True "
+            "(--force) to write into it (files with the output's names are replaced, all "
+            "others kept)"
+        )
+    if not force and foreign:
+        raise OutputError(
+            f"output folder {target} holds checkpoint files that polyak did not write "
+            f"({_few(foreign)}); move them, or pass force=True (--force)"
+        )
+    drop = old | (set(foreign) & new)
+    carry = [n for n in names if n not in drop and n not in new]
+    subfolders = [n for n in carry if stat.S_ISDIR(os.lstat(os.path.join(target, n)).st_mode)]
+    if subfolders:
+        raise OutputError(
+            f"output folder {target} holds subfolders ({_few(subfolders)}), which "
+            "cannot be carried over atomically; move them or choose another output"
+        )
+    return drop, carry
+
+
 class FolderTransaction:
     """Builds a new version of the folder ``target`` in a staging folder, then swaps it in.
 
@@ -245,44 +297,10 @@ class FolderTransaction:
 
     def __init__(self, target: str, new_names: Collection[str], *, force: bool = False) -> None:
         self.target = os.path.normpath(os.path.abspath(target))
-        self.drop: set[str] = set()
-        self.carry: list[str] = []
-        if os.path.lexists(self.target):
-            self._inspect(set(new_names), force)
+        # Inspected under the caller's OutputLock: no other writer changes the folder now.
+        self.drop, self.carry = inspect_folder(self.target, new_names, force=force)
         self.staging = temp_path(self.target)
         os.mkdir(self.staging, 0o755)
-
-    def _inspect(self, new: set[str], force: bool) -> None:
-        if not os.path.isdir(self.target) or os.path.islink(self.target):
-            raise OutputError(
-                f"output {self.target} exists and is not a folder; name a folder for a sharded "
-                "checkpoint or a '.safetensors' file"
-            )
-        names = sorted(os.listdir(self.target))
-        old = _previous_output(self.target, names)
-        foreign = [n for n in names if n not in old and (_is_checkpoint_file(n) or n in new)]
-        if not force and names and not old:
-            raise OutputError(
-                f"output folder {self.target} is not empty ({_few(names)}) and holds no "
-                "previous polyak output; choose an empty or new folder, or pass force=True "
-                "(--force) to write into it (files with the output's names are replaced, all "
-                "others kept)"
-            )
-        if not force and foreign:
-            raise OutputError(
-                f"output folder {self.target} holds checkpoint files that polyak did not write "
-                f"({_few(foreign)}); move them, or pass force=True (--force)"
-            )
-        self.drop = old | (set(foreign) & new)
-        self.carry = [n for n in names if n not in self.drop and n not in new]
-        subfolders = [
-            n for n in self.carry if stat.S_ISDIR(os.lstat(os.path.join(self.target, n)).st_mode)
-        ]
-        if subfolders:
-            raise OutputError(
-                f"output folder {self.target} holds subfolders ({_few(subfolders)}), which "
-                "cannot be carried over atomically; move them or choose another output"
-            )
 
     def path(self, name: str) -> str:
         """Where to write the file ``name`` of the new version."""

@@ -33,6 +33,7 @@ from polyak.safetensors._transaction import (
     FolderTransaction,
     OutputLock,
     fsync_dir,
+    inspect_folder,
     on_fatal_signal,
     temp_path,
 )
@@ -44,6 +45,8 @@ __all__ = [
     "shard_names",
     "split_shards",
     "check_not_input",
+    "check_output",
+    "preflight",
     "OutputLayout",
     "encode",
 ]
@@ -499,6 +502,51 @@ def _copy_into(src: str, dest: str, protect: set[tuple[int, int]]) -> AtomicFile
     return out
 
 
+def check_output(layout: OutputLayout, protect: set[tuple[int, int]]) -> None:
+    """The checks of an output that need no lock: a usable path that is not an input.
+
+    Raises:
+        OutputError: the path is unusable for the layout's kind, or names an input.
+    """
+    path = layout.path
+    if layout.single:
+        if os.path.isdir(path):
+            raise OutputError(f"output {path} is a directory; expected a file name")
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            problem = "is not a directory" if os.path.exists(parent) else "does not exist"
+            raise OutputError(f"output folder {parent} {problem}")
+    else:
+        # normpath drops a trailing "/", through which a file would look absent.
+        existing = os.path.normpath(path)
+        if os.path.exists(existing) and not os.path.isdir(existing):
+            raise OutputError(
+                f"output {path} exists and is not a directory; name a directory for "
+                "a sharded checkpoint or a '.safetensors' file"
+            )
+    for p, _ in layout.plan:
+        check_not_input(p, protect)
+
+
+def _check_drop(folder: str, drop: Iterable[str], protect: set[tuple[int, int]]) -> None:
+    for name in drop:  # files the folder swap deletes: never an input
+        check_not_input(os.path.join(folder, name), protect)
+
+
+def preflight(layout: OutputLayout, protect: set[tuple[int, int]], *, force: bool) -> None:
+    """Every refusal the writer of ``layout`` would meet, met now without locking or writing:
+    what a dry run checks. The writer checks again under the lock (the folder may change).
+
+    Raises:
+        OutputError: as :class:`CheckpointWriter`, short of the lock and the disk.
+    """
+    check_output(layout, protect)
+    if not layout.single:
+        target = os.path.normpath(layout.path)
+        drop, _ = inspect_folder(target, layout.folder_names(), force=force)
+        _check_drop(target, drop, protect)
+
+
 class CheckpointWriter:
     """The writer side of the streaming protocol: a single file or a sharded directory.
 
@@ -537,7 +585,7 @@ class CheckpointWriter:
         self._index: bytes | None = None
         self._folder: FolderTransaction | None = None
         self._lock: OutputLock | None = None
-        self._check(set(protect))
+        check_output(layout, set(protect))
         try:
             # Encode every header first: one that cannot be written fails before any file.
             heads = layout.headers()
@@ -548,26 +596,6 @@ class CheckpointWriter:
             raise
         self.nbytes = sum(w.size for w in self._writers)
         self.paths = [p for p, _ in layout.plan]
-
-    def _check(self, protect: set[tuple[int, int]]) -> None:
-        """The checks that need no lock: a usable output path that is not an input."""
-        if self.layout.single:
-            if os.path.isdir(self.path):
-                raise OutputError(f"output {self.path} is a directory; expected a file name")
-            parent = os.path.dirname(os.path.abspath(self.path))
-            if not os.path.isdir(parent):
-                problem = "is not a directory" if os.path.exists(parent) else "does not exist"
-                raise OutputError(f"output folder {parent} {problem}")
-        else:
-            # normpath drops a trailing "/", through which a file would look absent.
-            existing = os.path.normpath(self.path)
-            if os.path.exists(existing) and not os.path.isdir(existing):
-                raise OutputError(
-                    f"output {self.path} exists and is not a directory; name a directory for "
-                    "a sharded checkpoint or a '.safetensors' file"
-                )
-        for p, _ in self.layout.plan:
-            check_not_input(p, protect)
 
     def _start(
         self,
@@ -591,8 +619,7 @@ class CheckpointWriter:
         if not self.layout.single:
             names = self.layout.folder_names()
             self._folder = FolderTransaction(target, names, force=force)
-            for name in self._folder.drop:  # files the swap deletes: never an input
-                check_not_input(os.path.join(target, name), protect)
+            _check_drop(target, self._folder.drop, protect)
             for src, rel in self.layout.extra_files:
                 self._copies.append(_copy_into(src, self._folder.path(rel), protect))
         for (p, es), head in zip(self.layout.plan, heads, strict=True):
