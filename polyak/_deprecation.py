@@ -8,20 +8,17 @@ Giving both is an error, since one of them would be silently dropped.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from polyak._errors import PolyakError
+from polyak._errors import PolyakError, warn_at_caller
 
 __all__ = ["renamed", "rename_keyword"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def rename_keyword(
-    kwargs: dict[str, Any], old: str, new: str, where: str, *, stacklevel: int = 3
-) -> None:
+def rename_keyword(kwargs: dict[str, Any], old: str, new: str, where: str) -> None:
     """Move ``kwargs[old]`` to ``kwargs[new]`` in place, warning that ``old`` is deprecated.
 
     Args:
@@ -29,7 +26,6 @@ def rename_keyword(
         old: The deprecated name.
         new: The current name.
         where: The function's name, for the messages (``"polyak.average"``).
-        stacklevel: Passed to :func:`warnings.warn`, so the warning points at the caller.
 
     Raises:
         PolyakError: both ``old`` and ``new`` were given.
@@ -41,11 +37,10 @@ def rename_keyword(
             f"{where}() got both {old}= and {new}=: {old} is the deprecated name of {new}, "
             f"pass only {new}="
         )
-    warnings.warn(
+    warn_at_caller(  # the user's line: Python shows DeprecationWarnings raised in __main__
         f"{where}(): the keyword {old}= is deprecated and will be removed in the next "
         f"release; use {new}= instead",
         DeprecationWarning,
-        stacklevel=stacklevel,
     )
     kwargs[new] = kwargs.pop(old)
 

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Literal, TypeVar
 
-from polyak._errors import OrderWarning, PolyakError
+from polyak._errors import OrderWarning, PolyakError, warn_at_caller
 
 __all__ = ["format_bytes", "natural_key", "order_problem", "order_inputs"]
 
@@ -110,12 +109,7 @@ def order_problem(paths: Sequence[str | os.PathLike[str]]) -> str | None:
     return None
 
 
-def order_inputs(
-    paths: Sequence[P],
-    sort: Literal["natural"] | None = None,
-    *,
-    stacklevel: int = 2,
-) -> list[P]:
+def order_inputs(paths: Sequence[P], sort: Literal["natural"] | None = None) -> list[P]:
     """The paths in the order to average them: as given (with a warning when numbered names
     are out of natural order), or sorted naturally with ``sort="natural"``.
 
@@ -125,8 +119,6 @@ def order_inputs(
         paths: checkpoint or model file paths, oldest first.
         sort: ``None`` keeps the order given; ``"natural"`` orders the file names with
             :func:`natural_key` (``epoch_9`` before ``epoch_10``).
-        stacklevel: as for :func:`warnings.warn` called where ``order_inputs`` is called
-            (the default 2 points the warning at the caller of that function).
 
     Returns:
         A new list of the same paths.
@@ -136,7 +128,8 @@ def order_inputs(
             path.
 
     Warns:
-        OrderWarning: ``sort`` is None and :func:`order_problem` finds a problem.
+        OrderWarning: ``sort`` is None and :func:`order_problem` finds a problem; it points
+            at the first line outside polyak, the user's call.
 
     Example:
         >>> order_inputs(["b/step_2", "a/step_10"], sort="natural")
@@ -159,5 +152,5 @@ def order_inputs(
         return sorted(items, key=lambda p: natural_key(_basename(p)))
     problem = order_problem(items)
     if problem:
-        warnings.warn(problem, OrderWarning, stacklevel=stacklevel + 1)
+        warn_at_caller(problem, OrderWarning)
     return items

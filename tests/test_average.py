@@ -409,8 +409,9 @@ def test_kernel_accumulate_allocates_nothing(dtype, w):
 
 def test_params_list_is_a_deprecated_alias_of_snapshots():
     snaps = [{"w": np.array([0.0, 2.0])}, {"w": np.array([2.0, 4.0])}]
-    with pytest.warns(DeprecationWarning, match=r"params_list= is deprecated.*snapshots="):
+    with pytest.warns(DeprecationWarning, match=r"params_list= is deprecated.*snapshots=") as rec:
         got = polyak.average(params_list=snaps, schedule="linear")
+    assert rec[0].filename == __file__  # the caller's line, where Python shows it
     want = polyak.average(snapshots=snaps, schedule="linear")["w"]
     np.testing.assert_array_equal(got["w"], want)
     with pytest.raises(polyak.PolyakError, match="both params_list= and snapshots="):

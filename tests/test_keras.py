@@ -236,6 +236,17 @@ def test_average_files_equals_core_average_loading_one_at_a_time(
     assert result.compiled and int(result.optimizer.iterations) == 0
 
 
+def test_average_files_order_warning_points_at_the_callers_line(trained, tmp_path):
+    paths = []
+    for i, model in zip((10, 9), trained):
+        paths.append(str(tmp_path / f"epoch_{i}.keras"))
+        model.save(paths[-1])
+    with pytest.warns(polyak.OrderWarning, match="'epoch_10.keras' is given before") as rec:
+        pk.average_files(paths)
+    order = [w for w in rec if w.category is polyak.OrderWarning]  # keras warns too
+    assert [w.filename for w in order] == [__file__]  # not a line inside polyak.keras
+
+
 def test_average_files_h5(trained, tmp_path):
     paths = save_all(trained, tmp_path, ".h5")
     result = pk.average_files(paths, "linear")

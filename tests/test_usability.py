@@ -262,8 +262,9 @@ def test_order_inputs_is_the_one_helper() -> None:
     from polyak.utils import order_inputs, order_problem
 
     names = ["run/epoch_10.keras", "run/epoch_9.keras"]
-    with pytest.warns(polyak.OrderWarning, match="'epoch_10.keras' is given before"):
+    with pytest.warns(polyak.OrderWarning, match="'epoch_10.keras' is given before") as rec:
         assert order_inputs(names) == names
+    assert rec[0].filename == __file__
     assert order_inputs(names, sort="natural") == names[::-1]
     assert order_problem(names[::-1]) is None
     assert order_problem(["best.keras", "epoch_9.keras"]) is None  # not all numbered
