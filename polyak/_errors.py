@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 __all__ = [
     "PolyakError",
@@ -21,10 +22,22 @@ __all__ = [
     "NoOnlineFormError",
     "OrderWarning",
 ]
-# show_value and warn_at_caller (below) are helpers, not errors: kept out of __all__, which
-# polyak re-exports.
+# show_value, check_int and warn_at_caller (below) are helpers, not errors: kept out of
+# __all__, which polyak re-exports.
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def check_int(name: str, value: Any, low: int) -> int:
+    """``value`` if it is a Python int (not a bool) of at least ``low``.
+
+    Raises:
+        PolyakError: naming the argument and its value, e.g. ``every must be an int >= 1,
+            got every=0``.
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise PolyakError(f"{name} must be an int >= {low}, got {name}={value!r}")
+    return value
 
 
 def warn_at_caller(message: str, category: type[Warning]) -> None:

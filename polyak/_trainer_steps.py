@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from polyak._errors import PolyakError
+from polyak._errors import check_int
 
 
 def check_step_args(every_n_steps: Any, start_step: Any) -> tuple[int, int]:
@@ -18,10 +18,7 @@ def check_step_args(every_n_steps: Any, start_step: Any) -> tuple[int, int]:
     Raises:
         PolyakError: naming the bad argument and its value.
     """
-    for name, value, low in (("every_n_steps", every_n_steps, 1), ("start_step", start_step, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise PolyakError(f"{name} must be an int >= {low}, got {name}={value!r}")
-    return every_n_steps, start_step
+    return check_int("every_n_steps", every_n_steps, 1), check_int("start_step", start_step, 0)
 
 
 def is_fold_step(step: int, every_n_steps: int, start_step: int) -> bool:

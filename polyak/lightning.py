@@ -18,7 +18,7 @@ import optree
 import torch
 
 import polyak
-from polyak._errors import PolyakError
+from polyak._errors import PolyakError, check_int
 from polyak._trainer_steps import check_step_args, is_fold_step
 from polyak.torch import ModelAverager
 
@@ -130,7 +130,7 @@ class WeightAveraging(pl.Callback):
         if keep is not None and snapshot_dir is None:
             raise PolyakError(f"keep={keep!r} needs a snapshot_dir to keep snapshots in")
         if snapshot_every_n_steps is not None:
-            check_step_args(snapshot_every_n_steps, 0)
+            check_int("snapshot_every_n_steps", snapshot_every_n_steps, 1)
         self.buffers = buffers
         self.device = device
         self.swap_for_validation = bool(swap_for_validation)

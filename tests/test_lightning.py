@@ -230,6 +230,8 @@ def test_bad_arguments_are_named():
         polyak.lightning.WeightAveraging(every_n_steps=0)
     with pytest.raises(polyak.PolyakError, match="start_step"):
         polyak.lightning.WeightAveraging(start_step=-1)
+    with pytest.raises(polyak.PolyakError, match="snapshot_every_n_steps must be an int >= 1"):
+        polyak.lightning.WeightAveraging(snapshot_dir="snaps", snapshot_every_n_steps=0)
     with pytest.raises(polyak.NoOnlineFormError):
         polyak.lightning.WeightAveraging(polyak.schedules.tail(3))
     with pytest.raises(polyak.PolyakError, match="keep"):

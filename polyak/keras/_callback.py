@@ -11,7 +11,7 @@ import keras
 import numpy as np
 
 from polyak import Averager, SnapshotDir, schedules
-from polyak._errors import EmptyInputError, NoOnlineFormError, PolyakError
+from polyak._errors import EmptyInputError, NoOnlineFormError, PolyakError, check_int
 from polyak._types import PathLike, ScheduleLike
 from polyak.keras._names import weight_names
 
@@ -19,8 +19,7 @@ __all__ = ["WeightAveraging"]
 
 
 def _check_args(start_epoch: Any, every: Any, snapshot_dir: Any, keep: Any) -> None:
-    if isinstance(start_epoch, bool) or not isinstance(start_epoch, int) or start_epoch < 0:
-        raise PolyakError(f"start_epoch must be an int >= 0, got start_epoch={start_epoch!r}")
+    check_int("start_epoch", start_epoch, 0)
     if every not in ("epoch", "batch"):
         raise PolyakError(f"every must be 'epoch' or 'batch', got every={every!r}")
     if keep is not None and snapshot_dir is None:

@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from polyak import schedules as _schedules
-from polyak._errors import DtypeError, PolyakError, ScheduleError, ShapeError, StructureError
+from polyak._errors import (
+    DtypeError,
+    PolyakError,
+    ScheduleError,
+    ShapeError,
+    StructureError,
+    check_int,
+)
 from polyak._kernel import check_int_policy
 from polyak._tree import check_names
 from polyak.torch._sharded import is_dtensor
@@ -39,8 +46,7 @@ def options(buffers: str, every: int, int_policy: str, dtype: torch.dtype | None
     """
     if buffers not in BUFFERS:
         raise PolyakError(f"buffers must be one of {BUFFERS}, got buffers={buffers!r}")
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise PolyakError(f"every must be an integer >= 1, got every={every!r}")
+    check_int("every", every, 1)
     check_int_policy(int_policy)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise DtypeError(f"dtype must be a floating torch.dtype or None, got dtype={dtype!r}")
