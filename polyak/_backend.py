@@ -300,13 +300,7 @@ class NumpyBackend(Backend):
 
     def cast(self, acc: Any, dtype: Any) -> Any:
         if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
-            if self.is_scale(dtype):
-                return acc.astype(dtype)
-            rounded = np.rint(acc)  # half to even
-            if np.dtype(dtype).kind == "b":
-                return rounded != 0
-            info = np.iinfo(dtype)
-            return np.clip(rounded, info.min, info.max).astype(dtype)
+            return _kernel.round_to_int(acc, dtype)
         return acc.astype(dtype, copy=True)
 
     def combine_ints(self, xs: Sequence[Any], w: np.ndarray, policy: str, where: str) -> Any:

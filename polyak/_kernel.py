@@ -25,6 +25,7 @@ __all__ = [
     "accumulate",
     "finalize",
     "combine_ints",
+    "round_to_int",
     "check_int_policy",
     "int_policy_error",
     "dtype_kind",
@@ -270,13 +271,30 @@ def combine_ints(
     for a, w in zip(arrays, weights):
         if w != 0:
             acc += w * np.asarray(a, dtype=np.float64)
+    return round_to_int(acc, dtype)
+
+
+def round_to_int(acc: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A float average of int or bool leaves as a new ``dtype`` array: rounded half to even
+    and saturated at the dtype's range (bool: nonzero; e8m0 scales: cast back as is).
+
+    Example:
+        >>> round_to_int(np.array([2.5, 3.5, 1e30]), np.dtype(np.int64))
+        array([                  2,                   4, 9223372036854775807])
+    """
+    dtype = np.dtype(dtype)
     if is_scale(dtype):
         return acc.astype(dtype)
-    np.rint(acc, out=acc)
+    rounded = np.asarray(np.rint(acc))
     if dtype.kind == "b":
-        return acc != 0
+        return rounded != 0
     info = np.iinfo(dtype)
-    return np.clip(acc, info.min, info.max).astype(dtype)
+    # Saturate by comparing in float: int64's max is 2**63 in float64, which a clip would
+    # keep and the cast then wrap to the minimum.
+    high, low = rounded >= float(info.max), rounded <= float(info.min)
+    out = np.where(high | low, 0.0, rounded).astype(dtype)
+    out = np.where(high, np.asarray(info.max, dtype), out)
+    return np.where(low, np.asarray(info.min, dtype), out)
 
 
 def _distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:

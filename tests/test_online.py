@@ -757,3 +757,19 @@ def test_load_without_like_is_numpy_by_tensor_name(tmp_path):
     )
     assert isinstance(on_torch.state.average["enc"]["w"], torch.Tensor)
     assert on_torch.value["n"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.uint64, np.int32, np.int8])
+@pytest.mark.parametrize("end", ["max", "min"])
+def test_online_int_average_saturates_at_the_dtype_range_like_polyak_average(dtype, end):
+    """Equal int leaves at the dtype's limit average to themselves: float64 holds INT64_MAX
+    as 2**63, which a plain clip-then-cast wrapped to INT64_MIN on the numpy path."""
+    value = getattr(np.iinfo(dtype), end)
+    snaps = [{"n": np.array([value, 7], dtype)} for _ in range(3)]
+    avg = polyak.Averager("equal", int_policy="average")
+    for s in snaps:
+        avg.update(s)
+    want = polyak.average(snaps, int_policy="average")["n"]  # the kernel's exact int64 path
+    np.testing.assert_array_equal(want, [value, 7])
+    np.testing.assert_array_equal(avg.value["n"], want)
+    assert avg.value["n"].dtype == dtype
