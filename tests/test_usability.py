@@ -253,6 +253,12 @@ def test_load_into_torch_reads_sharded_directories(tmp_path) -> None:
     assert loaded.keys() == expected.keys()
     for name in expected:
         assert torch.equal(loaded[name], expected[name]), name
+    # A folder holding one .safetensors file and no index (save_pretrained's unsharded form)
+    single = tmp_path / "single"
+    single.mkdir()
+    save_file({"w": np.arange(4, dtype=np.float32)}, str(single / "model.safetensors"))
+    got = pst.load(single, framework="torch")
+    assert torch.equal(got["w"], torch_load_file(str(single / "model.safetensors"))["w"])
 
 
 # --- 1. every path-taking entry point uses the shared helper ------------------------------

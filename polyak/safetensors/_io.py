@@ -165,8 +165,8 @@ def load(
         if framework == "numpy":
             flat = {name: ck.read_tensor(name) for name in ck.keys()}
         else:
-            files = [os.path.join(ck.path, f) if ck.sharded else ck.path for f, _ in ck.layout()]
-            flat = _official(files, [names for _, names in ck.layout()], _FRAMEWORKS[framework])
+            files = [f.path for f in ck.files]
+            flat = _official(files, [list(f.tensors) for f in ck.files], _FRAMEWORKS[framework])
     if not nested:
         return flat
     root: dict[str, Any] = {}
