@@ -140,18 +140,25 @@ def test_nul_or_surrogate_in_a_shard_name_is_a_clear_error(tmp_path, shard):
 
 _FIFO_CHILD = """
 import sys
-import polyak.safetensors as pst
+import polyak, polyak.checkpoints, polyak.safetensors as pst
+path, how = sys.argv[1:]
 try:
-    pst.load(sys.argv[1])
+    if how == "load":
+        pst.load(path)
+    elif how == "detect":
+        polyak.checkpoints.detect(path)
+    else:
+        polyak.checkpoints.TorchCheckpoint(path)
 except ValueError as e:  # PolyakError
     print("error:", type(e).__name__, e)
 """
 
 
-def _load_in_child(path: str) -> subprocess.CompletedProcess:
-    """Load ``path`` in a child that is killed after 30 s if it hangs (it must not)."""
+def _load_in_child(path: str, how: str = "load") -> subprocess.CompletedProcess:
+    """Open ``path`` (``how``: pst.load, checkpoints.detect or TorchCheckpoint) in a child that
+    is killed after 30 s if it hangs (it must not)."""
     return subprocess.run(
-        [sys.executable, "-c", _FIFO_CHILD, path],
+        [sys.executable, "-c", _FIFO_CHILD, path, how],
         env=_env(), capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
@@ -182,6 +189,12 @@ def test_fifos_and_devices_are_refused_without_hanging(tmp_path):
     os.symlink("/dev/zero", d / "model.safetensors.index.json")
     proc = _load_in_child(str(d))
     assert "error:" in proc.stdout and "not a regular" in proc.stdout, proc.stderr
+    # The format-neutral readers: detecting a kind reads the file's head; a torch file.
+    torch_fifo = str(tmp_path / "pipe.pt")
+    os.mkfifo(torch_fifo)
+    for path, how in ((fifo, "detect"), (torch_fifo, "detect"), (torch_fifo, "torch")):
+        proc = _load_in_child(path, how)
+        assert "error: CheckpointError" in proc.stdout and "FIFO" in proc.stdout, proc.stderr
 
 
 def test_header_over_the_limit_is_refused_before_writing(tmp_path):

@@ -14,6 +14,7 @@ from polyak.checkpoints._hf import find_weights
 from polyak.checkpoints._torchzip import TorchCheckpoint
 from polyak.safetensors import Checkpoint
 from polyak.safetensors._format import Closing
+from polyak.safetensors._reader import open_regular
 
 __all__ = ["KINDS", "detect", "open_checkpoint", "ShardedCheckpoint"]
 
@@ -26,7 +27,8 @@ _LEGACY = (
 
 
 def _detect_file(path: str) -> str:
-    with open(path, "rb") as f:
+    fd, st = open_regular(path, "checkpoint file")  # a FIFO would block a plain open()
+    with open(fd, "rb") as f:
         head = f.read(512)
     if head.startswith(b"PK\x03\x04"):
         return "torch"
@@ -36,7 +38,7 @@ def _detect_file(path: str) -> str:
         raise CheckpointError(_LEGACY.format(path=path))
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= os.path.getsize(path) - 8 and head[8:9] == b"{":
+        if 2 <= n <= st.st_size - 8 and head[8:9] == b"{":
             return "safetensors"
     if path.endswith(".safetensors"):
         return "safetensors"  # malformed: the safetensors reader says precisely how

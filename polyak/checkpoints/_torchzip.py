@@ -26,6 +26,7 @@ from polyak.checkpoints._nested import candidate_keys, select
 from polyak.checkpoints._table import TensorTable
 from polyak.checkpoints._unpickle import TORCH_DTYPES, TensorRef, load_pickle
 from polyak.safetensors._format import FdReader, pread_into
+from polyak.safetensors._reader import open_regular
 
 __all__ = ["TorchCheckpoint", "MAX_PICKLE_BYTES"]
 
@@ -82,26 +83,21 @@ class TorchCheckpoint(TensorTable, FdReader):
         self.path = os.fspath(path)
         self.key = key
         self.metadata: Mapping[str, str] | None = None
-        self._fd = -1
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            st = os.fstat(self._fd)
+            self._fd, st = open_regular(self.path, "checkpoint file")
             self.identity = (st.st_dev, st.st_ino)
             self._fingerprints = Fingerprints([self.path])
             obj = self._open_zip()
             self.candidates = candidate_keys(obj, _is_tensor)
             tensors = select(obj, key, self.path, _is_tensor)
             self._tensors = {name: self._locate(name, ref) for name, ref in tensors.items()}
-        except FileNotFoundError:
-            self.close()
-            raise CheckpointError(f"{self.path}: no such file") from None
         except BaseException:
             self.close()
             raise
 
     def _open_zip(self) -> Any:
         try:
-            with open(self.path, "rb") as f, zipfile.ZipFile(f) as zf:
+            with open(self._fd, "rb", closefd=False) as f, zipfile.ZipFile(f) as zf:
                 members = {info.filename: info for info in zf.infolist()}
                 pkl = [n for n in members if n.endswith("/data.pkl") or n == "data.pkl"]
                 if len(pkl) != 1:
