@@ -356,7 +356,16 @@ class TorchBackend(Backend):
         return x.to(dtype=dtype, memory_format=self.torch.contiguous_format, copy=True)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        return x.detach().cpu().numpy()
+        # Through the bytes: Tensor.numpy() refuses bfloat16 and the float8 types, which
+        # ml_dtypes gives numpy; a CPU tensor shares its memory with the result.
+        t = x.detach().cpu().contiguous()
+        try:
+            dtype = self.np_dtype(t.dtype)
+        except TypeError:
+            name = self.dtype_name(t.dtype)
+            raise DtypeError(f"torch dtype {name} has no numpy equivalent") from None
+        raw = t.reshape(-1).view(self.torch.uint8).numpy()
+        return raw.view(dtype).reshape(tuple(t.shape))
 
     def from_numpy(self, a: np.ndarray, like: Any) -> Any:
         return self.torch.from_numpy(np.array(a, order="C", copy=True)).to(like.device)

@@ -82,6 +82,22 @@ def test_writes_every_dtype_readable_by_safetensors_torch(tmp_path):
         assert torch_to_numpy(back[code]).tobytes() == a.tobytes(), code
 
 
+def test_saves_torch_tensors_of_every_dtype_as_safetensors_torch_does(tmp_path):
+    """pst.save takes torch tensors directly, float8 e8m0 and the fnuz types included
+    (Tensor.numpy() refuses those); the official reader gets every tensor back bit for bit,
+    with the dtype code and shape the official writer gives it."""
+    tensors = {code: _tensor(code, i) for i, code in enumerate(CODES)}
+    ours, theirs = tmp_path / "polyak.safetensors", tmp_path / "official.safetensors"
+    pst.save(tensors, ours)
+    st_torch.save_file(tensors, str(theirs))
+    back = st_torch.load_file(str(ours))
+    for code, t in tensors.items():
+        assert back[code].dtype == t.dtype, code
+        assert torch.equal(back[code].view(torch.uint8), t.view(torch.uint8)), code
+    want = {k: (v["dtype"], v["shape"]) for k, v in _header(theirs).items() if k in CODES}
+    assert {k: (v["dtype"], v["shape"]) for k, v in _header(ours).items()} == want
+
+
 def test_complex64_round_trips_with_safetensors_numpy(tmp_path):
     x = (np.arange(6) + 1j * np.arange(6)[::-1]).astype(np.complex64)
     p = tmp_path / "c.safetensors"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from polyak import _backend
 from polyak.checkpoints._errors import CheckpointError, KeyChoiceError
 from polyak.checkpoints._identity import Fingerprints
 from polyak.checkpoints._table import TensorTable
@@ -27,14 +28,7 @@ __all__ = ["DCPCheckpoint", "torch_to_numpy"]
 
 def torch_to_numpy(t: Any) -> np.ndarray:
     """The numpy view of a CPU torch tensor of any dtype in ``TORCH_DTYPES`` (bits shared)."""
-    name = str(t.dtype).removeprefix("torch.")
-    dtype = TORCH_DTYPES.get(name)
-    if dtype is None:
-        raise CheckpointError(f"torch dtype {name} has no numpy equivalent")
-    import torch  # only reached with a torch tensor in hand
-
-    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return raw.view(dtype).reshape(tuple(t.shape))
+    return _backend.get(t).to_numpy(t)
 
 
 def _prefixes(names: list[str], is_tensor: dict[str, bool]) -> list[str]:

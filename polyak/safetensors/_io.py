@@ -6,10 +6,10 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 import optree
 
+from polyak import _backend
 from polyak._errors import DtypeError, PolyakError, StructureError
 from polyak.safetensors._errors import HeaderError
 from polyak.safetensors._format import dtype_code
@@ -19,27 +19,12 @@ from polyak.safetensors._writer import CheckpointWriter, OutputLayout
 
 __all__ = ["load", "save", "read_metadata", "to_numpy"]
 
+
 # torch dtypes numpy cannot hold natively: reinterpret their bits as the ml_dtypes type.
-_TORCH_BITCAST = {
-    "torch.bfloat16": ("int16", ml_dtypes.bfloat16),
-    "torch.float8_e4m3fn": ("uint8", ml_dtypes.float8_e4m3fn),
-    "torch.float8_e5m2": ("uint8", ml_dtypes.float8_e5m2),
-}
-
-
 def to_numpy(x: Any) -> np.ndarray:
-    """A numpy array with the values of ``x`` (numpy, torch, jax, keras, scalars)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if type(x).__module__.startswith("torch"):
-        x = x.detach().cpu()
-        bitcast = _TORCH_BITCAST.get(str(x.dtype))
-        if bitcast is not None:
-            import torch  # only reached when the caller already uses torch
-
-            return x.contiguous().view(getattr(torch, bitcast[0])).numpy().view(bitcast[1])
-        return x.numpy()
-    return np.asarray(x)
+    """A numpy array with the values of ``x`` (numpy, torch of any dtype, jax, keras,
+    scalars), from the leaf's backend."""
+    return x if isinstance(x, np.ndarray) else _backend.get(x).to_numpy(x)
 
 
 def _key(path: tuple[Any, ...]) -> str:
