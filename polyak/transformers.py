@@ -16,6 +16,7 @@ import transformers
 import polyak
 from polyak._errors import PolyakError
 from polyak._trainer_steps import check_step_args, is_fold_step
+from polyak.online import no_online_form
 from polyak.torch import ModelAverager
 
 __all__ = ["WeightAveragingCallback", "AVERAGE_DIR", "STATE_FILE"]
@@ -83,9 +84,7 @@ class WeightAveragingCallback(transformers.TrainerCallback):
         self.every_n_steps, self.start_step = check_step_args(every_n_steps, start_step)
         self.schedule = polyak.schedules.resolve(schedule)
         if not self.schedule.online:
-            raise polyak.NoOnlineFormError(
-                f"schedule {self.schedule!r} has no online form; the callback needs one"
-            )
+            raise no_online_form(self.schedule)
         self.device = device
         self.swap_for_evaluation = bool(swap_for_evaluation)
         self.save_average = bool(save_average)

@@ -21,10 +21,10 @@ import torch
 
 from polyak import _backend
 from polyak import schedules as _schedules
-from polyak._errors import DtypeError, EmptyInputError, NoOnlineFormError, PolyakError
+from polyak._errors import DtypeError, EmptyInputError, PolyakError
+from polyak.online import no_online_form
 from polyak.torch import _state
 from polyak.torch._layout import (
-    Entry,
     accumulator_dtype,
     generation,
     match,
@@ -139,18 +139,14 @@ class ModelAverager:
         tensors, self._names = named_tensors(model)
         self._specs = {name: spec_of(t) for name, t in tensors.items()}
         params = {id(p) for p in model.parameters()}
-        self._entries = {
-            name: Entry(
-                name, _role(name, t, id(t) in params, buffers, int_policy), id(t) in params
-            )
+        roles = {
+            name: _role(name, t, id(t) in params, buffers, int_policy)
             for name, t in tensors.items()
         }
         target = None if device is None else torch.device(device)
-        self._acc = {
-            n: _allocate(t, self._entries[n].role, dtype, target) for n, t in tensors.items()
-        }
-        self._groups = _make_groups(tensors, self._acc, self._entries)
-        self._side = {r: [n for n, e in self._entries.items() if e.role == r] for r in _SIDE_ROLES}
+        self._acc = {n: _allocate(t, roles[n], dtype, target) for n, t in tensors.items()}
+        self._groups = _make_groups(tensors, self._acc, roles)
+        self._side = {r: [n for n, role in roles.items() if role == r] for r in _SIDE_ROLES}
         self._side_accs = {r: [local(self._acc[n]) for n in ns] for r, ns in self._side.items()}
         self._plan = self._make_plan(tensors)
         self._generation = generation()
@@ -273,10 +269,7 @@ class ModelAverager:
         return {name: read[first] for name, first in self._names.items()}
 
     def _read(self, name: str) -> torch.Tensor:
-        acc, dtype = self._acc[name], self._specs[name].dtype
-        if self._entries[name].role != "int_average":
-            return acc.to(dtype, copy=True)
-        return _TORCH.round_clip(acc, dtype)
+        return _TORCH.cast(self._acc[name], self._specs[name].dtype)
 
     def copy_to(self, model: torch.nn.Module | None = None) -> None:
         """Write the average into a model, in the model's own dtypes and devices.
@@ -382,12 +375,7 @@ class ModelAverager:
 def _online_schedule(schedule: Any) -> _schedules.Schedule:
     s = _schedules.resolve(schedule)
     if not s.online:
-        raise NoOnlineFormError(
-            f"schedule {s!r} has no online form (its weights depend on the final number of "
-            "snapshots), so it cannot be folded one step at a time; save snapshots with "
-            "polyak.SnapshotDir and average them afterwards, or pick 'equal', 'linear', "
-            "ema(decay), ema_warmup(), power(gamma), swa(start) or polynomial(eta)"
-        )
+        raise no_online_form(s)
     return s
 
 
@@ -422,12 +410,12 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 
 def _make_groups(
-    tensors: dict[str, torch.Tensor], acc: dict[str, torch.Tensor], entries: dict[str, Entry]
+    tensors: dict[str, torch.Tensor], acc: dict[str, torch.Tensor], roles: dict[str, str]
 ) -> list[_Group]:
     """Group the averaged tensors by the average's and the model's (device, dtype)."""
     keyed: dict[tuple, list[str]] = {}
-    for name, e in entries.items():
-        if e.role == "float":
+    for name, role in roles.items():
+        if role == "float":
             t, a = tensors[name], acc[name]
             key = (a.device, a.dtype, t.device, t.dtype, is_dtensor(t))
             keyed.setdefault(key, []).append(name)

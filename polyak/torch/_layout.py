@@ -23,7 +23,6 @@ from polyak.torch._sharded import is_dtensor
 
 __all__ = [
     "generation",
-    "Entry",
     "Spec",
     "spec_of",
     "named_tensors",
@@ -87,15 +86,6 @@ def spec_of(t: torch.Tensor) -> Spec:
     """The :class:`Spec` of a tensor."""
     layout = (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
     return Spec(tuple(t.shape), t.dtype, t.device, layout)
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One distinct tensor of a model: its first state_dict name and how it is averaged."""
-
-    name: str
-    role: str
-    is_param: bool
 
 
 def named_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
