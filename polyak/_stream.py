@@ -201,7 +201,7 @@ def _tensor_plan(
     where = f"{where}{name!r}"
     if kind == "int":
         if int_policy == "error":
-            _kernel.combine_ints([np.zeros(0, in_dtype)], np.ones(1), "error", where)
+            raise _kernel.int_policy_error(where, in_dtype)
         return TensorPlan(name, in_dtype, tuple(shape), in_dtype, None)
     if kind in ("float", "complex"):
         acc = _kernel.accumulator_dtype(in_dtype, accumulate_dtype)

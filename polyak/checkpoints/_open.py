@@ -16,9 +16,7 @@ from polyak.safetensors import Checkpoint
 from polyak.safetensors._format import Closing
 from polyak.safetensors._reader import open_regular
 
-__all__ = ["KINDS", "detect", "open_checkpoint", "ShardedCheckpoint"]
-
-KINDS = ("safetensors", "torch", "huggingface", "dcp")
+__all__ = ["detect", "open_checkpoint", "ShardedCheckpoint"]
 
 _LEGACY = (
     "{path}: a torch.save file in the legacy (pre-1.6, non-zip) format, which polyak cannot "

@@ -14,7 +14,7 @@ import tempfile
 import numpy as np
 
 from polyak.cli._args import CliError, weights_table
-from polyak.utils import format_bytes, natural_key
+from polyak.utils import format_bytes, order_inputs
 
 __all__ = ["NAME", "HELP", "SCHEDULES", "add_arguments", "run", "make_demo_checkpoints"]
 
@@ -73,10 +73,10 @@ def make_demo_checkpoints(folder: str, n: int, seed: int = 0) -> list[str]:
 
 def _checkpoints(folder: str, n: int, temporary: bool) -> list[str]:
     """The checkpoints found in ``folder`` (natural order), else ``n`` new ones."""
-    found = sorted(
-        (os.path.join(folder, f) for f in os.listdir(folder)
-         if f.endswith(".safetensors") and not f.startswith("merged")),
-        key=lambda p: natural_key(os.path.basename(p)),
+    found = order_inputs(
+        [os.path.join(folder, f) for f in os.listdir(folder)
+         if f.endswith(".safetensors") and not f.startswith("merged")],
+        sort="natural",
     )  # fmt: skip
     if found:
         print(f"using {len(found)} checkpoints in {folder}")
