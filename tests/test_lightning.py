@@ -8,10 +8,6 @@ loss of the average computed by hand; an uninterrupted fit for resuming.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,8 +19,6 @@ pytest.importorskip("polyak.torch")
 import polyak  # noqa: E402
 import polyak.lightning  # noqa: E402
 from polyak.torch import ModelAverager  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 class Net(pl.LightningModule):
@@ -236,15 +230,3 @@ def test_bad_arguments_are_named():
         polyak.lightning.WeightAveraging(polyak.schedules.tail(3))
     with pytest.raises(polyak.PolyakError, match="keep"):
         polyak.lightning.WeightAveraging(keep=2)
-
-
-def test_lightning_example_runs():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "examples" / "lightning_swa.py")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "validation loss" in proc.stdout

@@ -8,9 +8,6 @@ ModelAverager; the loss of the average computed by hand; an uninterrupted run fo
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,6 @@ import polyak  # noqa: E402
 import polyak.transformers as ptf  # noqa: E402
 from polyak.torch import ModelAverager  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = dict(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16)
 CONFIG.update(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
@@ -177,15 +173,3 @@ def test_bad_arguments_are_named():
         ptf.WeightAveragingCallback(every_n_steps=0)
     with pytest.raises(polyak.NoOnlineFormError):
         ptf.WeightAveragingCallback(polyak.schedules.tail(2))
-
-
-def test_transformers_example_runs():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "docs" / "examples" / "transformers_ema.py")],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "eval loss" in proc.stdout
