@@ -194,7 +194,7 @@ class Backend:
         even and clipped to the dtype's range, as :func:`polyak.average` does."""
         if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
             return self.round_clip(acc, dtype)
-        return self.xp.astype(acc, dtype, copy=True)
+        return self.copy(acc, dtype)
 
     def round_clip(self, acc: Any, dtype: Any) -> Any:
         """A new ``dtype`` array of ``acc`` (a float average of int or bool leaves) rounded
@@ -298,10 +298,8 @@ class NumpyBackend(Backend):
         np.copyto(acc, x)
         return acc
 
-    def cast(self, acc: Any, dtype: Any) -> Any:
-        if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
-            return _kernel.round_to_int(acc, dtype)
-        return acc.astype(dtype, copy=True)
+    def round_clip(self, acc: Any, dtype: Any) -> Any:
+        return _kernel.round_to_int(acc, dtype)  # the kernel's rule, bit for bit
 
     def combine_ints(self, xs: Sequence[Any], w: np.ndarray, policy: str, where: str) -> Any:
         return _kernel.combine_ints(xs, w, policy, where)
@@ -457,11 +455,6 @@ class TorchBackend(Backend):
     def keep_int(self, acc: Any, x: Any) -> Any:
         acc.copy_(x)
         return acc
-
-    def cast(self, acc: Any, dtype: Any) -> Any:
-        if self.kind(dtype) == "int" and self.kind(acc.dtype) == "float":
-            return self.round_clip(acc, dtype)
-        return acc.to(dtype=dtype, copy=True)
 
 
 _NUMPY = NumpyBackend()
