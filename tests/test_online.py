@@ -699,7 +699,9 @@ def test_ema_closed_form():
     assert math.isclose(float(avg.value[0]), float(expected[0]), rel_tol=1e-15)
 
 
-@pytest.mark.parametrize("module", ["polyak._online", "polyak._snapshots", "polyak.online"])
+@pytest.mark.parametrize(
+    "module", ["polyak._online", "polyak._snapshots", "polyak.online", "polyak._kernel"]
+)
 def test_docstring_examples_run(module):
     import doctest
     import importlib

@@ -90,6 +90,12 @@ class ManyMergeSettings(MergeSettings, total=False):
         metadata: per output, the ``__metadata__`` to write instead of the first input's
             (``None`` keeps the first input's); the ``"polyak"`` merge record is added
             either way.
+
+    Example:
+        >>> from polyak.safetensors import ManyMergeSettings
+        >>> settings: ManyMergeSettings = {"dtype": "bf16", "metadata": [{"run": "a"}, None]}
+        >>> sorted(settings)
+        ['dtype', 'metadata']
     """
 
     schedules: Sequence[Schedule | None] | None
@@ -105,6 +111,12 @@ class CheckpointMergeSettings(MergeSettings, total=False):
             (Lightning), ``"model"``, ``"state_dict_ema"``, dotted for deeper nesting.
         copy_files: copy the newest model folder's config and tokenizer files into a folder
             output (default True).
+
+    Example:
+        >>> from polyak.safetensors import CheckpointMergeSettings
+        >>> settings: CheckpointMergeSettings = {"key": "state_dict", "sort": "natural"}
+        >>> sorted(settings)
+        ['key', 'sort']
     """
 
     key: str | None
